@@ -63,6 +63,9 @@ flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_float("sample_temperature", 0.8, "Temperature of the logged sample grids (also 1.0).")
 flags.DEFINE_string("export_dir", None, "If set, export the best checkpoint here at the end.")
 flags.DEFINE_bool("export_only", False, "Skip training; only export the best checkpoint.")
+flags.DEFINE_integer("export_slice", 500,
+                     "Also record bits/dim on the first export_slice test images, each dequantized "
+                     "with seed [seed, 12345] (checked by tests/test_priors.py).")
 
 
 def build_prior(shape):
@@ -248,6 +251,10 @@ def export(prior, best_manager, best_ckpt, log_prob_fn, test_x, event_size, leve
     raise app.UsageError(f"No best checkpoint in {ckpt_dir}/best to export.")
   best_ckpt.restore(best_manager.latest_checkpoint).expect_partial()
   test_bpd = evaluate(log_prob_fn, test_x, event_size, levels)
+  slice_images = data_lib.load_numpy(FLAGS.dataset, "test", FLAGS.data_dir,
+                                     FLAGS.download)[0][:FLAGS.export_slice]
+  slice_x = data_lib.dequantize(slice_images, levels, seed=[FLAGS.seed, 12345])
+  slice_bpd = evaluate(log_prob_fn, slice_x, event_size, levels)
   commands_path = os.path.join(ckpt_dir, "commands.txt")
   commands = open(commands_path).read().strip().splitlines() if os.path.exists(commands_path) else []
   config = {
@@ -257,6 +264,8 @@ def export(prior, best_manager, best_ckpt, log_prob_fn, test_x, event_size, leve
           list(data_lib.DATASET_INFO[FLAGS.dataset][0]), levels),
       "test_bits_per_dim": round(test_bpd, 4),
       "test_examples": int(test_x.shape[0]),
+      "test_slice_examples": int(slice_x.shape[0]),
+      "test_slice_bits_per_dim": round(slice_bpd, 4),
       "test_dequantization_seed": [FLAGS.seed, 12345],
       "train_steps": int(step),
       "batch_size": FLAGS.batch_size,
