@@ -255,17 +255,18 @@ def realnvp_dense(event_size=2, num_layers=6, hidden_units=64, num_hidden=2, tra
   kwargs = dict(event_size=event_size, num_layers=num_layers, hidden_units=hidden_units,
                 num_hidden=num_hidden)
   num_masked = event_size // 2
-  bijectors = []
+  bijectors, nets = [], []
   for i in range(num_layers):
     net = _DenseNet(num_masked, event_size - num_masked, hidden_units, num_hidden,
                     trainable=trainable, name=f"coupling_net_{i}")
+    nets.append(net)
     bijectors.append(tfb.RealNVP(num_masked=num_masked, shift_and_log_scale_fn=net))
     if i + 1 < num_layers:
       bijectors.append(tfb.Permute(list(range(event_size))[::-1]))
   base = tfd.Sample(tfd.Normal(0.0, 1.0), sample_shape=[event_size], name="base")
   prior = tfd.TransformedDistribution(base, tfb.Chain(bijectors[::-1]), name=name)
   set_config(prior, {"architecture": "realnvp_dense", "kwargs": kwargs})
-  prior.prior_modules = [b.shift_and_log_scale_fn for b in bijectors if isinstance(b, tfb.RealNVP)]
+  prior.prior_modules = nets
   return prior
 
 
