@@ -296,11 +296,11 @@ class ComposedPosterior(tfd.TransformedDistribution):
 
   # ---------------------------------------------------------------- initialization
 
-  def initialize(self, num_starts=None, seed=0, max_iterations=500):
+  def initialize(self, num_starts=None, seed=0, num_steps=500):
     """Multi-start Laplace start: locates the latent posterior's modes and fits `q` to them.
 
-    1. `num_starts` points drawn from the prior's base climb the latent target by batched
-       L-BFGS (`tfp.optimizer.lbfgs_minimize`).
+    1. `num_starts` points drawn from the prior's base climb the latent target (batched Adam,
+       `num_steps` steps); the distinct maxima are polished by Newton steps.
     2. Distinct local maxima `mu_k` (greedily, best first; a point inside another mode's
        typical set, `(z - mu_j)^T H_j (z - mu_j) < D + 9`, is a duplicate) get Laplace
        approximations `N(mu_k, H_k^{-1})` with `H_k` the negative Hessian of the latent target
@@ -315,9 +315,14 @@ class ComposedPosterior(tfd.TransformedDistribution):
     k_max = self._num_components
     if num_starts is None:
       num_starts = max(16, 4 * k_max)
-    starts = self._prior.distribution.sample(num_starts, seed=tfp.random.sanitize_seed(seed))
-    starts = tf.reshape(tf.cast(starts, dtype), [num_starts, size])
-    modes, values = _find_modes(self._flat_target, starts, max_iterations)
+    draws = self._prior.distribution.sample(max(256, num_starts),
+                                            seed=tfp.random.sanitize_seed(seed))
+    draws = tf.reshape(tf.cast(draws, dtype), [-1, size])
+    starts = draws[:num_starts]
+    # No latent posterior is taken to be wider than the prior's base: curvature is floored
+    # at half the base's average precision (non-convex likelihoods can make it vanish).
+    min_precision = 0.5 / float(np.mean(np.var(draws.numpy().astype(np.float64), axis=0)))
+    modes, values = _find_modes(self._flat_target, starts, num_steps)
     modes, values = modes.numpy(), values.numpy()
     finite = np.isfinite(values) & np.all(np.isfinite(modes), axis=-1)
     if not finite.any():
@@ -332,11 +337,12 @@ class ComposedPosterior(tfd.TransformedDistribution):
       mu = modes[i]
       if any((mu - m).dot(p).dot(mu - m) < size + 9. for m, _, p, _, _ in selected):
         continue
-      precision, covariance, logdet_cov = _laplace(self._flat_target, mu, dtype)
-      log_evidence = values[i] + 0.5 * logdet_cov
+      mu, value, precision, covariance, logdet_cov = _laplace(
+          self._flat_target, mu.astype(np.float64), float(values[i]), dtype, min_precision)
+      log_evidence = value + 0.5 * logdet_cov
       if selected and log_evidence < selected[0][4] - 12.:  # Weight below 6e-6 of the best.
         continue
-      selected.append((mu, values[i], precision, covariance, log_evidence))
+      selected.append((mu, value, precision, covariance, log_evidence))
 
     num_modes = len(selected)
     assignment = [j % num_modes for j in range(k_max)]
@@ -397,22 +403,33 @@ def _default_pregenerator(latent_shape, dtype):
                                     dtype=dtype)
 
 
-@tf.function(reduce_retracing=True)
-def _lbfgs(value_and_gradient, starts, max_iterations):
-  result = tfp.optimizer.lbfgs_minimize(
-      value_and_gradient, initial_position=starts, max_iterations=max_iterations,
-      tolerance=1e-6, f_relative_tolerance=1e-9)
-  return result.position
+def _find_modes(target, starts, num_steps, learning_rate=0.1):
+  """Batched Adam ascent of `target` from each row of `starts`: (positions, values).
 
+  Adam's per-coordinate step normalization copes with the stiff directions of
+  near-hard constraints; the learning rate decays geometrically to 1% of its initial value.
+  Each row is an independent optimization.
+  """
 
-def _find_modes(target, starts, max_iterations):
-  """Batched L-BFGS ascent of `target` from each row of `starts`: (positions, values)."""
+  @tf.function
+  def ascend(z):
+    m = tf.zeros_like(z)
+    v = tf.zeros_like(z)
+    for i in tf.range(num_steps):
+      with tf.GradientTape() as tape:
+        tape.watch(z)
+        value = tf.reduce_sum(target(z))
+      g = tape.gradient(value, z)
+      g = tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
+      t = tf.cast(i + 1, z.dtype)
+      m = 0.9 * m + 0.1 * g
+      v = 0.999 * v + 0.001 * tf.square(g)
+      rate = learning_rate * tf.pow(tf.constant(0.01, z.dtype), (t - 1.) / num_steps)
+      step = rate * (m / (1. - 0.9**t)) / (tf.sqrt(v / (1. - 0.999**t)) + 1e-8)
+      z = z + step
+    return z, target(z)
 
-  def value_and_gradient(z):
-    return tfp.math.value_and_gradient(lambda t: -target(t), z)
-
-  positions = _lbfgs(value_and_gradient, starts, max_iterations)
-  return positions, target(positions)
+  return ascend(starts)
 
 
 def _hessian_vector_products(target, z, vectors):
@@ -428,21 +445,39 @@ def _hessian_vector_products(target, z, vectors):
   return outer.gradient(gv, points)
 
 
-def _laplace(target, mu, dtype, chunk=128):
-  """Negative Hessian `P` of `target` at `mu` (clipped to be positive definite), `P^{-1}`
-  and `log det P^{-1}`."""
+def _laplace(target, mu, value, dtype, min_precision, newton_steps=3, chunk=128):
+  """Laplace approximation at a (polished) mode of `target` near `mu`.
+
+  Up to `newton_steps` damped Newton steps `mu <- mu + P^{-1} grad` refine `mu` (a step is
+  kept only if it increases the target). Returns `(mu, value, P, P^{-1}, log det P^{-1})`,
+  with `P` the negative Hessian, its eigenvalues clipped below at `min_precision`.
+  """
   size = mu.shape[0]
   hvp = tf.function(lambda z, v: _hessian_vector_products(target, z, v), reduce_retracing=True)
+  grad_fn = tf.function(lambda z: tfp.math.value_and_gradient(target, z))
   eye = np.eye(size)
-  rows = [hvp(tf.constant(mu, dtype), tf.constant(eye[i:i + chunk], dtype)).numpy()
-          for i in range(0, size, chunk)]
-  precision = -np.concatenate(rows, axis=0).astype(np.float64)
-  precision = 0.5 * (precision + precision.T)
-  eigvals, eigvecs = np.linalg.eigh(precision)
-  eigvals = np.clip(eigvals, 1e-3, None)
+
+  def curvature(point):
+    rows = [hvp(tf.constant(point, dtype), tf.constant(eye[i:i + chunk], dtype)).numpy()
+            for i in range(0, size, chunk)]
+    precision = -np.concatenate(rows, axis=0).astype(np.float64)
+    precision = 0.5 * (precision + precision.T)
+    eigvals, eigvecs = np.linalg.eigh(precision)
+    eigvals = np.clip(eigvals, min_precision, None)
+    return eigvals, eigvecs
+
+  eigvals, eigvecs = curvature(mu)
+  for _ in range(newton_steps):
+    _, grad = grad_fn(tf.constant(mu, dtype))
+    candidate = mu + (eigvecs / eigvals) @ (eigvecs.T @ grad.numpy().astype(np.float64))
+    new_value = float(target(tf.constant(candidate[None], dtype))[0])
+    if not np.isfinite(new_value) or new_value <= value:
+      break
+    mu, value = candidate, new_value
+    eigvals, eigvecs = curvature(mu)
   precision = (eigvecs * eigvals) @ eigvecs.T
   covariance = (eigvecs / eigvals) @ eigvecs.T
-  return precision, covariance, -np.sum(np.log(eigvals))
+  return mu, value, precision, covariance, -np.sum(np.log(eigvals))
 
 
 def condition(prior, likelihood, observation, pregenerator=None, num_components=8,

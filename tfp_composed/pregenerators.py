@@ -157,9 +157,12 @@ def find_affine_stage(bijector):
 class _DenseNet(tf.Module):
   """An MLP with a zero-initialized output layer: output 0 at initialization."""
 
-  def __init__(self, hidden_units, output_units, activation="elu", name=None):
+  def __init__(self, hidden_units, output_units, activation="elu", seed=0, name=None):
     super().__init__(name=name)
-    self.layers = [tf_keras.layers.Dense(h, activation=activation) for h in hidden_units]
+    self.layers = [
+        tf_keras.layers.Dense(h, activation=activation,
+                              kernel_initializer=tf_keras.initializers.GlorotUniform(seed + j))
+        for j, h in enumerate(hidden_units)]
     self.out = tf_keras.layers.Dense(output_units, kernel_initializer="zeros")
 
   def __call__(self, x):
@@ -171,9 +174,9 @@ class _DenseNet(tf.Module):
 class _CouplingFn(tf.Module):
   """`shift_and_log_scale_fn` for `tfb.RealNVP`: an MLP of the conditioning half."""
 
-  def __init__(self, input_units, output_units, hidden_units, dtype, name=None):
+  def __init__(self, input_units, output_units, hidden_units, dtype, seed, name=None):
     super().__init__(name=name)
-    self.net = _DenseNet(hidden_units, 2 * output_units)
+    self.net = _DenseNet(hidden_units, 2 * output_units, seed=seed)
     self.net(tf.zeros([1, input_units], dtype))  # Creates the variables now.
 
   def __call__(self, x, output_units, **unused):
@@ -233,7 +236,8 @@ def real_nvp(event_shape, num_layers=4, hidden_units=(256, 256), affine_stage=Tr
       bijectors.append(_permuted(tfb.RealNVP(
           num_masked=num_masked,
           shift_and_log_scale_fn=_CouplingFn(
-              num_masked, size - num_masked, hidden_units, dtype, name=f"coupling_net_{i}"),
+              num_masked, size - num_masked, hidden_units, dtype, seed=1000 * (seed + i),
+              name=f"coupling_net_{i}"),
           name=f"coupling_{i}"), size, seed + i))
   if affine_stage:
     bijectors.append(AffineStage(
@@ -244,11 +248,11 @@ def real_nvp(event_shape, num_layers=4, hidden_units=(256, 256), affine_stage=Tr
 class _ZeroOutputMADE(tf.Module):
   """`tfb.AutoregressiveNetwork` whose output layer starts at zero (identity flow)."""
 
-  def __init__(self, size, hidden_units, activation, dtype, name=None):
+  def __init__(self, size, hidden_units, activation, dtype, seed, name=None):
     super().__init__(name=name)
     self.made = tfb.AutoregressiveNetwork(
         params=2, event_shape=[size], hidden_units=list(hidden_units), activation=activation,
-        dtype=dtype)
+        kernel_initializer=tf_keras.initializers.GlorotUniform(seed), dtype=dtype)
     self.made(tf.zeros([1, size], dtype))  # Variables are created lazily.
     for v in self.made._network.layers[-1].trainable_variables:  # pylint: disable=protected-access
       v.assign(tf.zeros_like(v))  # The output layer's kernel and bias.
@@ -266,7 +270,7 @@ def _autoregressive(event_shape, num_layers, hidden_units, affine_stage, full_ra
     for i in range(num_layers):
       flow = tfb.MaskedAutoregressiveFlow(
           shift_and_log_scale_fn=_ZeroOutputMADE(size, hidden_units, activation, dtype,
-                                                 name=f"made_{i}"),
+                                                 seed=1000 * (seed + i), name=f"made_{i}"),
           name=f"maf_{i}")
       bijectors.append(_permuted(
           tfb.Invert(flow, name=f"iaf_{i}") if inverse_autoregressive else flow, size, seed + i))
@@ -312,11 +316,14 @@ def maf(event_shape, num_layers=4, hidden_units=(256, 256), affine_stage=True, f
 class _ConvNet(tf.Module):
   """A small CNN with a zero-initialized output convolution."""
 
-  def __init__(self, channels, filters, name=None):
+  def __init__(self, channels, filters, seed=0, name=None):
     super().__init__(name=name)
+    init = tf_keras.initializers.GlorotUniform
     self.hidden = [
-        tf_keras.layers.Conv2D(filters, 3, padding="same", activation="elu"),
-        tf_keras.layers.Conv2D(filters, 1, padding="same", activation="elu"),
+        tf_keras.layers.Conv2D(filters, 3, padding="same", activation="elu",
+                               kernel_initializer=init(seed)),
+        tf_keras.layers.Conv2D(filters, 1, padding="same", activation="elu",
+                               kernel_initializer=init(seed + 1)),
     ]
     self.out = tf_keras.layers.Conv2D(2 * channels, 3, padding="same",
                                       kernel_initializer="zeros")
@@ -335,15 +342,15 @@ class CheckerboardCoupling(tfb.Bijector):
   zero-initialized output, so the coupling starts at the identity.
   """
 
-  def __init__(self, image_shape, parity, filters=32, dtype=tf.float32, validate_args=False,
-               name="checkerboard_coupling"):
+  def __init__(self, image_shape, parity, filters=32, seed=0, dtype=tf.float32,
+               validate_args=False, name="checkerboard_coupling"):
     parameters = dict(locals())
     with tf.name_scope(name) as name:
       h, w, c = image_shape
       grid = (np.arange(h)[:, None] + np.arange(w)[None, :] + parity) % 2
       self._mask = tf.constant(np.repeat(grid[:, :, None], c, axis=-1), dtype)
       self._image_shape = tuple(image_shape)
-      self.net = _ConvNet(c, filters)
+      self.net = _ConvNet(c, filters, seed=seed)
       self.net(tf.zeros((1,) + self._image_shape, dtype))
       super().__init__(forward_min_event_ndims=3, dtype=dtype, validate_args=validate_args,
                        parameters=parameters, name=name)
@@ -373,7 +380,7 @@ class CheckerboardCoupling(tfb.Bijector):
     return -tf.reduce_sum(log_scale, axis=[-3, -2, -1])
 
 
-def conv(event_shape, num_layers=4, filters=32, affine_stage=True, full_rank=None,
+def conv(event_shape, num_layers=4, filters=32, affine_stage=True, full_rank=None, seed=0,
          dtype=tf.float32, name="conv"):
   """Convolutional (Glow-style) pre-generator for image-shaped latents `[H, W, C]`.
 
@@ -391,8 +398,8 @@ def conv(event_shape, num_layers=4, filters=32, affine_stage=True, full_rank=Non
     raise ValueError(
         f"`event_shape` of a conv pre-generator must be [H, W, C], got {event_shape!r}.")
   couplings = [
-      CheckerboardCoupling(tuple(shape.as_list()), parity=i % 2, filters=filters, dtype=dtype,
-                           name=f"coupling_{i}")
+      CheckerboardCoupling(tuple(shape.as_list()), parity=i % 2, filters=filters,
+                           seed=1000 * (seed + i), dtype=dtype, name=f"coupling_{i}")
       for i in range(num_layers)
   ]
   bijectors = list(reversed(couplings))
@@ -403,13 +410,14 @@ def conv(event_shape, num_layers=4, filters=32, affine_stage=True, full_rank=Non
   return tfb.Chain(bijectors, name=name)
 
 
-# Named constructors of small instances, one line each; property tests run over all of them.
+# Named small instances, one line each: `name: (event_shape, builder)`, with
+# `builder(event_shape)` returning the bijector. Property tests run over all of them.
 REGISTRY = {
-    "affine": lambda: affine([5]),
-    "affine_diag": lambda: affine([2, 3], full_rank=False),
-    "real_nvp": lambda: real_nvp([4], num_layers=2, hidden_units=(16,)),
-    "real_nvp_image": lambda: real_nvp([2, 2, 1], num_layers=2, hidden_units=(8,)),
-    "iaf": lambda: iaf([4], num_layers=2, hidden_units=(16,)),
-    "maf": lambda: maf([3], num_layers=2, hidden_units=(16,)),
-    "conv": lambda: conv([4, 4, 1], num_layers=2, filters=8),
+    "affine": ([5], affine),
+    "affine_diag": ([2, 3], lambda shape: affine(shape, full_rank=False)),
+    "real_nvp": ([4], lambda shape: real_nvp(shape, num_layers=2, hidden_units=(16,))),
+    "real_nvp_image": ([2, 2, 1], lambda shape: real_nvp(shape, num_layers=2, hidden_units=(8,))),
+    "iaf": ([4], lambda shape: iaf(shape, num_layers=2, hidden_units=(16,))),
+    "maf": ([3], lambda shape: maf(shape, num_layers=2, hidden_units=(16,))),
+    "conv": ([4, 4, 1], lambda shape: conv(shape, num_layers=2, filters=8)),
 }
