@@ -179,3 +179,14 @@ def test_shipped_prior_reproduces_recorded_bits_per_dim(name):
   samples = prior.sample(4, seed=7)
   assert samples.shape == [4] + list(images.shape[1:])
   assert np.all(np.isfinite(samples.numpy()))
+
+
+def test_fit_maximum_likelihood_learns_a_toy_density():
+  tf.random.set_seed(0)
+  prior = priors.realnvp_dense(2, num_layers=2, hidden_units=16)
+  losses = priors.fit_maximum_likelihood(prior, data.toy_2d("rings", 2000), num_steps=150,
+                                         batch_size=128, learning_rate=3e-3)
+  assert losses.shape == (150,) and np.all(np.isfinite(losses))
+  assert losses[-20:].mean() < losses[:10].mean() - 0.2
+  with pytest.raises(ValueError, match=re.escape("Got: [5, 3]")):
+    priors.fit_maximum_likelihood(prior, np.zeros([5, 3], np.float32))

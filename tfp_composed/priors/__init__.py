@@ -20,6 +20,8 @@ from tfp_composed.priors.io import load
 from tfp_composed.priors.io import load_config
 from tfp_composed.priors.io import save
 from tfp_composed.priors.layers import MultiScaleFlowBijector
+from tfp_composed.priors.toy import fit_maximum_likelihood
+from tfp_composed.priors.toy import toy_prior
 
 __all__ = [
     "ARCHITECTURES",
@@ -28,6 +30,7 @@ __all__ = [
     "available",
     "build",
     "data_init",
+    "fit_maximum_likelihood",
     "flow_module",
     "glow",
     "load",
@@ -35,4 +38,5 @@ __all__ = [
     "realnvp",
     "realnvp_dense",
     "save",
+    "toy_prior",
 ]
