@@ -131,6 +131,25 @@ def fit(posterior, num_steps=2000, batch_size=64, learning_rate=1e-3, seed=0, ca
   per_component = -(-per_component // replicas) * replicas  # Divisible across replicas.
 
   variables = posterior.trainable_variables
+  if replicas > 1 or strategy is not tf.distribute.get_strategy():
+    plain = [v.name for v in variables if not isinstance(v, tf.distribute.DistributedValues)]
+    if plain:
+      raise ValueError(
+          "`strategy` needs the posterior's variables to be created under it: build the "
+          "pre-generator and the ComposedPosterior inside `with strategy.scope():`. Not "
+          f"distributed: {plain[:3]}{'...' if len(plain) > 3 else ''}.")
+  with strategy.scope():
+    return _fit_in_scope(
+        posterior, variables, strategy, replicas, num_steps, per_component, learning_rate,
+        seed, callbacks, jit_compile, checkpoint_dir, verbose, init, anneal_steps,
+        steps_per_execution, checkpoint_every, max_bad_steps, clip_norm)
+
+
+def _fit_in_scope(posterior, variables, strategy, replicas, num_steps, per_component,
+                  learning_rate, seed, callbacks, jit_compile, checkpoint_dir, verbose, init,
+                  anneal_steps, steps_per_execution, checkpoint_every, max_bad_steps,
+                  clip_norm):
+  """The loop of `fit`, under `strategy.scope()`; arguments already validated."""
   step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
   warmup = max(1, num_steps // 20)
   optimizer = tf_keras.optimizers.Adam(
@@ -187,7 +206,9 @@ def fit(posterior, num_steps=2000, batch_size=64, learning_rate=1e-3, seed=0, ca
 
     def apply():
       clipped, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=grad_norm)
-      optimizer.apply_gradients(zip(clipped, variables))
+      # Gradients are already summed over replicas; every replica applies the same update.
+      strategy.run(lambda g: optimizer.apply_gradients(
+          zip(g, variables), skip_gradients_aggregation=True), args=(clipped,))
       return tf.constant(True)
 
     tf.cond(finite, apply, lambda: tf.constant(False))
