@@ -276,6 +276,12 @@ def export(prior, best_manager, best_ckpt, log_prob_fn, test_x, event_size, leve
       "num_parameters": int(sum(int(np.prod(v.shape)) for v in prior.variables)),
   }
   priors.save(prior, FLAGS.export_dir, config)
+  tf.random.set_seed(FLAGS.seed)
+  for temp in sorted({FLAGS.sample_temperature, 1.0}):
+    z = prior.distribution.sample(64) * temp
+    grid = image_grid(tf.clip_by_value(prior.bijector.forward(z), 0.0, 1.0), 8)
+    tf.io.write_file(os.path.join(FLAGS.export_dir, f"samples_t{temp}.png"),
+                     tf.io.encode_png(tf.cast(grid[0] * 255.0 + 0.5, tf.uint8)))
   logging.info("Exported step %d (test bpd %.4f over %d images) to %s", int(step), test_bpd,
                int(test_x.shape[0]), FLAGS.export_dir)
 
