@@ -1,0 +1,30 @@
+# Two commands set up a fresh machine: `make demo` (main job) and `make test`.
+# Both create the virtualenv `.venv` on first use and install the package into it.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+
+.PHONY: demo demo-2d test benchmark clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m experiments.demo --output outputs/demo.png
+
+demo-2d: $(VENV)/.installed
+	$(PY) -m experiments.demo --output outputs/demo.png
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+benchmark: $(VENV)/.installed
+	$(PY) -m experiments.benchmark --output_json outputs/benchmark.json
+
+clean:
+	rm -rf $(VENV) outputs
