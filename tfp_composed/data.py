@@ -32,7 +32,6 @@ import os
 import shutil
 import subprocess
 import tarfile
-import tempfile
 
 import numpy as np
 import tensorflow as tf

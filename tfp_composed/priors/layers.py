@@ -32,7 +32,6 @@ __all__ = [
     "InvertibleConv1x1",
     "MultiScaleFlow",
     "MultiScaleFlowBijector",
-    "Permute",
 ]
 
 
@@ -133,17 +132,6 @@ class InvertibleConv1x1(tf.Module):
   def inverse(self, x, init=False):
     del init
     return tf.einsum("bhwc,cd->bhwd", x, self.w), self._ldj(x)
-
-
-class Permute(tf.Module):
-  """Reverses the channel order (RealNVP's fixed permutation between channel couplings)."""
-
-  def forward(self, z):
-    return tf.reverse(z, axis=[-1]), tf.zeros([tf.shape(z)[0]], z.dtype)
-
-  def inverse(self, x, init=False):
-    del init
-    return tf.reverse(x, axis=[-1]), tf.zeros([tf.shape(x)[0]], x.dtype)
 
 
 def _affine_params(h):
