@@ -12,15 +12,6 @@ tfd = tfp.distributions
 
 RTOL = ATOL = 1e-4
 
-# The RealNVP pre-generator's dense nets (tf_keras Dense, min_ndim=2) reject the rank-1
-# input that a single, unbatched event gives them: `posterior.sample()`,
-# `posterior.log_prob(x)` for one `x`, and every JointDistribution's sample (which draws
-# one unbatched value to find static shapes) fail with the default pre-generator.
-UNBATCHED_REAL_NVP = pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="pregenerators._DenseNet needs a batch dimension (tf_keras Dense min_ndim=2)")
-
-
 class _Net(tf.Module):
   """`shift_and_log_scale_fn` for the prior's RealNVP: one tanh layer, any batch rank."""
 
@@ -94,7 +85,7 @@ CASES = {
 
 def _cases(unbatched=False, names=tuple(CASES)):
   """Case names; with `unbatched`, the RealNVP ones are expected to fail (see above)."""
-  return [pytest.param(name, marks=UNBATCHED_REAL_NVP) if unbatched and "real_nvp" in name
+  return [pytest.param(name) if unbatched and "real_nvp" in name
           else name for name in names]
 
 
@@ -172,7 +163,7 @@ def _parts(kind, sample):
 
 @pytest.mark.parametrize("name, kind", [
     ("vector_iaf", "named"), ("image_conv", "named"), ("vector_iaf", "sequential"),
-    pytest.param("vector_real_nvp", "named", marks=UNBATCHED_REAL_NVP)])
+    pytest.param("vector_real_nvp", "named")])
 def test_joint_distribution_sample_and_log_prob(name, kind):
   posterior = _posterior(name)
   joint = _joint(kind, posterior)
@@ -237,7 +228,6 @@ def test_gradient_of_the_posterior_density():
 # fresh base-mixture variables there instead of sharing its fitted ones.
 
 
-@pytest.mark.xfail(strict=True, reason="copy() builds new base-mixture variables")
 @pytest.mark.parametrize("make_copy", [lambda d: d.copy(), lambda d: d[...]],
                          ids=["copy", "slice"])
 def test_copy_and_slice_keep_the_fitted_distribution(make_copy):

@@ -262,7 +262,11 @@ class Likelihood(tf.Module):
                         f"{y.dtype.name}.")
       arr = np.asarray(y.numpy())
     else:
-      arr = np.asarray(y)
+      try:
+        arr = np.asarray(y)
+      except ValueError as e:
+        raise ValueError(f"`{name}` must be a rectangular array of shape "
+                         f"{_format_shape(event_shape)}, {what}: {e}") from None
       if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or
                                    np.issubdtype(arr.dtype, np.floating)):
         raise TypeError(f"`{name}` must be a real floating-point array, got dtype "

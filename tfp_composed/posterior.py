@@ -34,6 +34,10 @@ tfd = tfp.distributions
 
 __all__ = ["ComposedPosterior", "condition", "validate_prior"]
 
+# Base-mixture components are full-covariance Gaussians up to this latent dimension and
+# diagonal (in the affine stage's whitened coordinates) above it.
+_FULL_COMPONENT_MAX_DIM = 64
+
 
 def validate_prior(prior):
   """Checks that `prior` is a flow `TransformedDistribution` with a fixed event shape."""
@@ -67,7 +71,8 @@ class ComposedPosterior(tfd.TransformedDistribution):
 
   `x = f(g(eps))`, `eps ~ q_base`, where `f` is the prior's bijector (frozen), `g` the
   trainable pre-generator and `q_base` either `N(0, I)` (`num_components=1`) or a learned
-  mixture of diagonal Gaussians whose components `fit` places at the latent posterior's modes.
+  mixture of Gaussians (full-covariance up to 64 latent dimensions, diagonal above) whose
+  components `fit` places at the latent posterior's modes.
   `log_prob`, `sample` and `experimental_sample_and_log_prob` are the exact ones of `q`.
 
   #### Examples
@@ -87,7 +92,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
   """
 
   def __init__(self, prior, likelihood, observation, pregenerator=None, num_components=8,
-               validate_args=False, name="ComposedPosterior"):
+               validate_args=False, name="ComposedPosterior", _state=None):
     parameters = dict(locals())
     validate_prior(prior)
     if not isinstance(likelihood, likelihoods_lib.Likelihood):
@@ -114,21 +119,37 @@ class ComposedPosterior(tfd.TransformedDistribution):
       self._check_pregenerator(pregenerator)
       self._pregenerator = pregenerator
       self._num_components = int(num_components)
-      self._initialized = tf.Variable(False, trainable=False, name="initialized")
-
       size = self._latent_size
-      if self._num_components == 1:
+      k = self._num_components
+      if _state is None:  # Rebuilt copies (`copy()`, slicing) share the variables instead.
+        _state = {"initialized": tf.Variable(False, trainable=False, name="initialized")}
+        if k > 1:
+          _state["mixture_logits"] = tf.Variable(tf.zeros([k], dtype), name="mixture_logits")
+          _state["component_locs"] = tf.Variable(tf.zeros([k, size], dtype),
+                                                 name="component_locs")
+          if size <= _FULL_COMPONENT_MAX_DIM:  # Full-covariance components.
+            _state["component_scales"] = tfp.util.TransformedVariable(
+                tf.eye(size, batch_shape=[k], dtype=dtype),
+                tfb.FillScaleTriL(diag_bijector=tfb.Exp(), diag_shift=None),
+                name="component_scale_trils")
+          else:
+            _state["component_scales"] = tfp.util.TransformedVariable(
+                tf.ones([k, size], dtype), tfb.Exp(), name="component_scales")
+      parameters.update(pregenerator=pregenerator, _state=_state)
+      self._initialized = _state["initialized"]
+      if k == 1:
         self._mixture_logits = self._component_locs = self._component_scales = None
         base = tfd.MultivariateNormalDiag(loc=tf.zeros([size], dtype),
                                           scale_diag=tf.ones([size], dtype))
       else:
-        k = self._num_components
-        self._mixture_logits = tf.Variable(tf.zeros([k], dtype), name="mixture_logits")
-        self._component_locs = tf.Variable(tf.zeros([k, size], dtype), name="component_locs")
-        self._component_scales = tfp.util.TransformedVariable(
-            tf.ones([k, size], dtype), tfb.Exp(), name="component_scales")
+        self._mixture_logits = _state["mixture_logits"]
+        self._component_locs = _state["component_locs"]
+        self._component_scales = _state["component_scales"]
         base = tfd.MixtureSameFamily(
             tfd.Categorical(logits=self._mixture_logits),
+            tfd.MultivariateNormalTriL(loc=self._component_locs,
+                                       scale_tril=self._component_scales)
+            if size <= _FULL_COMPONENT_MAX_DIM else
             tfd.MultivariateNormalDiag(loc=self._component_locs,
                                        scale_diag=self._component_scales))
       bijectors = [prior.bijector, pregenerator]
@@ -300,11 +321,14 @@ class ComposedPosterior(tfd.TransformedDistribution):
     """Multi-start Laplace start: locates the latent posterior's modes and fits `q` to them.
 
     1. `num_starts` points drawn from the prior's base climb the latent target (batched Adam,
-       `num_steps` steps); the distinct maxima are polished by Newton steps.
-    2. Distinct local maxima `mu_k` (greedily, best first; a point inside another mode's
-       typical set, `(z - mu_j)^T H_j (z - mu_j) < D + 9`, is a duplicate) get Laplace
+       `num_steps` steps, then damped Newton steps for up to 16 dimensions); the distinct
+       maxima are polished by Newton steps.
+    2. Distinct local maxima `mu_k` (greedily, best first; a point joined to a kept mode by
+       a segment that never dips 1 nat below its lower end is a duplicate) get Laplace
        approximations `N(mu_k, H_k^{-1})` with `H_k` the negative Hessian of the latent target
-       (autodiff) and weights `w_k ~ exp(target(mu_k)) det(H_k)^{-1/2}`.
+       (autodiff), shrunk where that raises their ELBO (curved modes), with weights
+       `w_k ~ Z_k`, each mode's evidence estimated by importance sampling; components under
+       1e-3 of the best weight go.
     3. The pre-generator's affine stage takes the moment-matched Gaussian of that mixture;
        the base components take each mode's whitened mean and scales.
 
@@ -323,27 +347,39 @@ class ComposedPosterior(tfd.TransformedDistribution):
     # at half the base's average precision (non-convex likelihoods can make it vanish).
     min_precision = 0.5 / float(np.mean(np.var(draws.numpy().astype(np.float64), axis=0)))
     modes, values = _find_modes(self._flat_target, starts, num_steps)
-    modes, values = modes.numpy(), values.numpy()
+    modes, values = modes.numpy().astype(np.float64), values.numpy().astype(np.float64)
+    if size <= _NEWTON_MAX_DIM:  # Ridges and stiff directions: curvature-aware ascent.
+      modes, values = _newton_ascent(self._flat_target, modes, values, dtype, min_precision)
     finite = np.isfinite(values) & np.all(np.isfinite(modes), axis=-1)
     if not finite.any():
       raise FloatingPointError(
           "The latent target is not finite at any of the optimized starting points; check "
           "the observation, the likelihood's scale and the prior.")
     order = [i for i in np.argsort(-values) if finite[i]]
-    selected = []  # (mode, value, precision, covariance, log_evidence)
+    selected = []  # (mode, value, precision, covariance, log evidence)
     for i in order:
       if len(selected) == k_max:
         break
       mu = modes[i]
-      if any((mu - m).dot(p).dot(mu - m) < size + 9. for m, _, p, _, _ in selected):
+      if any(_same_basin(self._flat_target, mu, values[i], m, v, dtype)
+             for m, v, _, _, _ in selected):
         continue
-      mu, value, precision, covariance, logdet_cov = _laplace(
-          self._flat_target, mu.astype(np.float64), float(values[i]), dtype, min_precision)
-      log_evidence = value + 0.5 * logdet_cov
-      if selected and log_evidence < selected[0][4] - 12.:  # Weight below 6e-6 of the best.
+      mu, value, precision, covariance, _ = _laplace(
+          self._flat_target, mu, float(values[i]), dtype, min_precision)
+      # A curved mode gets a narrower Gaussian; its weight is its estimated evidence.
+      covariance, log_evidence = _fit_gaussian_scale(
+          self._flat_target, mu, covariance, dtype, seed + len(selected))
+      if not np.isfinite(log_evidence):
         continue
       selected.append((mu, value, precision, covariance, log_evidence))
 
+    if not selected:
+      raise FloatingPointError(
+          "No mode of the latent target has a finite Laplace evidence bound; check the "
+          "observation, the likelihood's scale and the prior.")
+    best = max(entry[4] for entry in selected)
+    # Components below 1e-3 of the best weight are dropped: they would only add noise.
+    selected = [entry for entry in selected if entry[4] > best - 7.]
     num_modes = len(selected)
     assignment = [j % num_modes for j in range(k_max)]
     counts = np.bincount(assignment, minlength=num_modes)
@@ -369,7 +405,11 @@ class ComposedPosterior(tfd.TransformedDistribution):
       inv = np.linalg.inv(linear)
       locs = np.einsum("ij,kj->ki", inv, mus - mean)
       white_covs = np.einsum("ij,kjl,ml->kim", inv, covs, inv)
-      scales = np.sqrt(np.maximum(np.einsum("kii->ki", white_covs), 1e-12))
+      white_covs = 0.5 * (white_covs + np.swapaxes(white_covs, -1, -2))
+      if size <= _FULL_COMPONENT_MAX_DIM:
+        scales = np.linalg.cholesky(white_covs + 1e-9 * np.eye(size))
+      else:
+        scales = np.sqrt(np.maximum(np.einsum("kii->ki", white_covs), 1e-12))
       self._mixture_logits.assign(tf.cast(log_w, dtype))
       self._component_locs.assign(tf.cast(locs, dtype))
       self._component_scales.assign(tf.cast(scales, dtype))
@@ -432,6 +472,85 @@ def _find_modes(target, starts, num_steps, learning_rate=0.1):
   return ascend(starts)
 
 
+_NEWTON_MAX_DIM = 16
+
+
+def _newton_ascent(target, z, values, dtype, min_precision, num_iterations=25):
+  """Batched damped Newton ascent (full Hessians; small latent dimensions only).
+
+  Each step solves with the negative Hessian whose eigenvalues are floored at
+  `min_precision`, and keeps the best of five step lengths that increases the target.
+  """
+
+  @tf.function
+  def gradient_and_hessian(points):
+    with tf.GradientTape() as outer:
+      outer.watch(points)
+      with tf.GradientTape() as inner:
+        inner.watch(points)
+        value = tf.reduce_sum(target(points))
+      grad = inner.gradient(value, points)
+    return grad, outer.batch_jacobian(grad, points)
+
+  lengths = np.array([1., 0.5, 0.25, 0.1, 0.03])
+  for _ in range(num_iterations):
+    grad, hess = gradient_and_hessian(tf.constant(z, dtype))
+    grad = grad.numpy().astype(np.float64)
+    precision = -hess.numpy().astype(np.float64)
+    precision = 0.5 * (precision + np.swapaxes(precision, -1, -2))
+    eigvals, eigvecs = np.linalg.eigh(precision)
+    eigvals = np.clip(eigvals, min_precision, None)
+    step = np.einsum("nij,nj->ni", eigvecs,
+                     np.einsum("nji,nj->ni", eigvecs, grad) / eigvals)
+    step = np.where(np.isfinite(step), step, 0.)
+    candidates = z[None] + lengths[:, None, None] * step[None]  # [5, N, D]
+    cand_values = target(tf.constant(candidates.reshape(-1, z.shape[1]), dtype)).numpy()
+    cand_values = np.where(np.isfinite(cand_values), cand_values, -np.inf).reshape(5, -1)
+    best = np.argmax(cand_values, axis=0)
+    best_values = cand_values[best, np.arange(z.shape[0])]
+    improved = best_values > values
+    z = np.where(improved[:, None], candidates[best, np.arange(z.shape[0])], z)
+    values = np.where(improved, best_values, values)
+    if not improved.any():
+      break
+  return z, values
+
+
+def _same_basin(target, a, value_a, b, value_b, dtype, barrier=1.):
+  """Whether the segment from `a` to `b` stays within `barrier` nats of its lower end."""
+  t = np.linspace(0., 1., 11)[1:-1, None]
+  path = (1. - t) * a[None] + t * b[None]
+  values = target(tf.constant(path, dtype)).numpy().astype(np.float64)
+  return bool(np.all(values >= min(value_a, value_b) - barrier))
+
+
+def _fit_gaussian_scale(target, mean, covariance, dtype, seed, num_samples=128):
+  """Shrinks a Laplace Gaussian to fit a curved mode and estimates the mode's evidence.
+
+  For `c` in (1, 1/2, 1/4, 1/10, 1/30), draws `z ~ N(mean, c covariance)` (common random
+  numbers) and computes the ELBO `E[target(z)] + entropy` and the importance-sampling
+  estimate `log mean exp(target(z) - log N(z))` of the mode's log-evidence. Returns
+  `(c covariance, log evidence)` for the `c` with the best ELBO and the largest estimate
+  over all `c` (each is a stochastic lower bound on the mode's mass).
+  """
+  size = mean.shape[0]
+  root = np.linalg.cholesky(covariance)
+  eps = np.random.RandomState(seed % 2**31).randn(num_samples, size)
+  factors = np.array([1., 0.5, 0.25, 0.1, 1. / 30.])
+  z = mean + np.sqrt(factors)[:, None, None] * (eps @ root.T)[None]  # [5, n, D]
+  values = target(tf.constant(z.reshape(-1, size), dtype)).numpy().astype(np.float64)
+  values = np.where(np.isfinite(values), values, -np.inf).reshape(len(factors), num_samples)
+  log_norm = (-0.5 * np.sum(eps**2, axis=-1) - 0.5 * size * np.log(2 * np.pi)
+              - np.sum(np.log(np.diag(root))))[None] - 0.5 * size * np.log(factors)[:, None]
+  entropy = (0.5 * size * np.log(2 * np.pi * np.e) + np.sum(np.log(np.diag(root)))
+             + 0.5 * size * np.log(factors))
+  elbos = values.mean(axis=1) + entropy
+  log_weights = values - log_norm
+  log_evidence = np.logaddexp.reduce(log_weights, axis=1) - np.log(num_samples)
+  best = int(np.nanargmax(np.where(np.isfinite(elbos), elbos, -np.inf)))
+  return factors[best] * covariance, float(np.max(log_evidence))
+
+
 def _hessian_vector_products(target, z, vectors):
   """Rows `H(z) v_i` for the rows `v_i` of `vectors`, by reverse-over-reverse autodiff."""
   points = tf.tile(z[tf.newaxis], [tf.shape(vectors)[0], 1])
@@ -454,7 +573,7 @@ def _laplace(target, mu, value, dtype, min_precision, newton_steps=3, chunk=128)
   """
   size = mu.shape[0]
   hvp = tf.function(lambda z, v: _hessian_vector_products(target, z, v), reduce_retracing=True)
-  grad_fn = tf.function(lambda z: tfp.math.value_and_gradient(target, z))
+  grad_fn = tf.function(lambda z: tfp.math.value_and_gradient(target, z[tf.newaxis])[1][0])
   eye = np.eye(size)
 
   def curvature(point):
@@ -468,7 +587,7 @@ def _laplace(target, mu, value, dtype, min_precision, newton_steps=3, chunk=128)
 
   eigvals, eigvecs = curvature(mu)
   for _ in range(newton_steps):
-    _, grad = grad_fn(tf.constant(mu, dtype))
+    grad = grad_fn(tf.constant(mu, dtype))
     candidate = mu + (eigvecs / eigvals) @ (eigvecs.T @ grad.numpy().astype(np.float64))
     new_value = float(target(tf.constant(candidate[None], dtype))[0])
     if not np.isfinite(new_value) or new_value <= value:

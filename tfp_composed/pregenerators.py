@@ -166,9 +166,12 @@ class _DenseNet(tf.Module):
     self.out = tf_keras.layers.Dense(output_units, kernel_initializer="zeros")
 
   def __call__(self, x):
+    shape = tf.shape(x)
+    h = tf.reshape(x, [-1, x.shape[-1]])  # Dense layers need a batch dimension.
     for layer in self.layers:
-      x = layer(x)
-    return self.out(x)
+      h = layer(h)
+    h = self.out(h)
+    return tf.reshape(h, tf.concat([shape[:-1], tf.shape(h)[-1:]], 0))
 
 
 class _CouplingFn(tf.Module):
@@ -258,7 +261,10 @@ class _ZeroOutputMADE(tf.Module):
       v.assign(tf.zeros_like(v))  # The output layer's kernel and bias.
 
   def __call__(self, x):
-    shift, raw = tf.unstack(self.made(x), axis=-1)
+    shape = tf.shape(x)
+    params = self.made(tf.reshape(x, [-1, x.shape[-1]]))
+    params = tf.reshape(params, tf.concat([shape, [2]], 0))
+    shift, raw = tf.unstack(params, axis=-1)
     return shift, _bounded_log_scale(raw)
 
 

@@ -124,6 +124,23 @@ def fit(posterior, num_steps=2000, batch_size=64, learning_rate=1e-3, seed=0, ca
     raise ValueError(f"`init` must be 'auto', 'laplace' or None, got {init!r}.")
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise TypeError(f"`seed` must be an int, got {seed!r}.")
+  max_bad_steps = _check_positive_int(max_bad_steps, "max_bad_steps")
+  if (isinstance(anneal_steps, bool) or not isinstance(anneal_steps, (int, np.integer))
+      or anneal_steps < 0):
+    raise ValueError(f"`anneal_steps` must be a non-negative integer, got {anneal_steps!r}.")
+  if not (isinstance(clip_norm, (float, int)) and math.isfinite(clip_norm) and clip_norm > 0):
+    raise ValueError(f"`clip_norm` must be a positive finite number, got {clip_norm!r}.")
+  callbacks = [] if callbacks is None else callbacks
+  if isinstance(callbacks, tf_keras.callbacks.Callback):
+    callbacks = [callbacks]
+  if (not isinstance(callbacks, (list, tuple))
+      or not all(isinstance(c, tf_keras.callbacks.Callback) for c in callbacks)):
+    raise TypeError(
+        f"`callbacks` must be a list of tf_keras.callbacks.Callback, got {callbacks!r}.")
+  if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
+    raise TypeError(f"`strategy` must be a tf.distribute.Strategy, got {strategy!r}.")
+  if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+    raise TypeError(f"`checkpoint_dir` must be a path, got {checkpoint_dir!r}.")
   strategy = strategy or tf.distribute.get_strategy()
   replicas = strategy.num_replicas_in_sync
   k = posterior.num_components
@@ -162,11 +179,21 @@ def _fit_in_scope(posterior, variables, strategy, replicas, num_steps, per_compo
     checkpoint = tf.train.Checkpoint(
         step=step, optimizer=optimizer, variables=list(variables),
         initialized=posterior.initialized)
-    manager = tf.train.CheckpointManager(checkpoint, os.fspath(checkpoint_dir), max_to_keep=3)
+    directory = os.fspath(checkpoint_dir)
+    manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=3)
+    if manager.latest_checkpoint is None and tf.io.gfile.glob(
+        os.path.join(directory, "*.index")):
+      raise ValueError(
+          f"`checkpoint_dir` {directory!r} holds checkpoint files but no readable "
+          "'checkpoint' state file; it was left untouched. Pass another `checkpoint_dir` or "
+          "repair it.")
     if manager.latest_checkpoint:
+      snapshot = [v.numpy() for v in list(variables) + [step, posterior.initialized]]
       try:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
       except (tf.errors.OpError, AssertionError, ValueError) as e:
+        for v, value in zip(list(variables) + [step, posterior.initialized], snapshot):
+          v.assign(value)  # A failed restore changes nothing.
         raise ValueError(
             f"`checkpoint_dir` {os.fspath(checkpoint_dir)!r} holds a checkpoint "
             f"({manager.latest_checkpoint}) that is corrupt or belongs to a different posterior; "
@@ -232,7 +259,7 @@ def _fit_in_scope(posterior, variables, strategy, replicas, num_steps, per_compo
   history = StepHistory()
   state = _FitState(posterior)
   callback_list = tf_keras.callbacks.CallbackList(
-      list(callbacks or []) + [history], model=state, verbose=verbose, epochs=1,
+      list(callbacks) + [history], model=state, verbose=verbose, epochs=1,
       steps=num_steps)
   callback_list._check_timing = False  # pylint: disable=protected-access  # Steps run in bursts.
   progbar = tf_keras.utils.Progbar(num_steps, verbose=verbose) if verbose else None
