@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: demo demo-2d test benchmark clean
+.PHONY: demo inpaint test benchmark clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,8 @@ $(VENV)/.installed: setup.py
 demo: $(VENV)/.installed
 	$(PY) -m experiments.demo --output outputs/demo.png
 
-demo-2d: $(VENV)/.installed
-	$(PY) -m experiments.demo --output outputs/demo.png
+inpaint: $(VENV)/.installed
+	$(PY) -m experiments.inpaint --output outputs/inpainting.png
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
