@@ -356,6 +356,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
           "The latent target is not finite at any of the optimized starting points; check "
           "the observation, the likelihood's scale and the prior.")
     order = [i for i in np.argsort(-values) if finite[i]]
+    derivatives = _compiled_derivatives(self._flat_target)
     selected = []  # (mode, value, precision, covariance, log evidence)
     for i in order:
       if len(selected) == k_max:
@@ -365,7 +366,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
              for m, v, _, _, _ in selected):
         continue
       mu, value, precision, covariance, _ = _laplace(
-          self._flat_target, mu, float(values[i]), dtype, min_precision)
+          self._flat_target, derivatives, mu, float(values[i]), dtype, min_precision)
       # A curved mode gets a narrower Gaussian; its weight is its estimated evidence.
       covariance, log_evidence = _fit_gaussian_scale(
           self._flat_target, mu, covariance, dtype, seed + len(selected))
@@ -564,7 +565,15 @@ def _hessian_vector_products(target, z, vectors):
   return outer.gradient(gv, points)
 
 
-def _laplace(target, mu, value, dtype, min_precision, newton_steps=3, chunk=128):
+def _compiled_derivatives(target):
+  """Compiled Hessian-vector products and gradient of `target` (trace once, reuse per mode)."""
+  hvp = tf.function(lambda z, v: _hessian_vector_products(target, z, v), reduce_retracing=True)
+  grad_fn = tf.function(lambda z: tfp.math.value_and_gradient(target, z[tf.newaxis])[1][0])
+  return hvp, grad_fn
+
+
+def _laplace(target, derivatives, mu, value, dtype, min_precision, newton_steps=3,
+             chunk=128):
   """Laplace approximation at a (polished) mode of `target` near `mu`.
 
   Up to `newton_steps` damped Newton steps `mu <- mu + P^{-1} grad` refine `mu` (a step is
@@ -572,8 +581,7 @@ def _laplace(target, mu, value, dtype, min_precision, newton_steps=3, chunk=128)
   with `P` the negative Hessian, its eigenvalues clipped below at `min_precision`.
   """
   size = mu.shape[0]
-  hvp = tf.function(lambda z, v: _hessian_vector_products(target, z, v), reduce_retracing=True)
-  grad_fn = tf.function(lambda z: tfp.math.value_and_gradient(target, z[tf.newaxis])[1][0])
+  hvp, grad_fn = derivatives
   eye = np.eye(size)
 
   def curvature(point):
