@@ -26,6 +26,7 @@ setuptools.setup(
         "numpy>=1.26",
         "scikit-learn>=1.4",
         "psutil>=5.9",
+        "tensorboard>=2.20",
     ],
     extras_require={
         "test": ["pytest>=8"],
