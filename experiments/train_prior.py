@@ -58,6 +58,9 @@ flags.DEFINE_integer("num_levels", 2, "Glow levels / RealNVP scales.")
 flags.DEFINE_integer("steps_per_level", 8, "Glow flow steps per level.")
 flags.DEFINE_integer("hidden_channels", 64, "Width of the coupling networks.")
 flags.DEFINE_integer("num_blocks", 0, "Residual blocks per coupling network.")
+flags.DEFINE_string("init_from", None,
+                    "Start from this saved prior (name or directory) of the same layout, widened "
+                    "to --hidden_channels without changing its density (tfc.priors.grow_from).")
 flags.DEFINE_float("alpha", 0.05, "Logit preprocessing constant.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_float("sample_temperature", 0.8, "Temperature of the logged sample grids (also 1.0).")
@@ -163,6 +166,10 @@ def main(argv):
   if FLAGS.resume and manager.latest_checkpoint:
     ckpt.restore(manager.latest_checkpoint)
     logging.info("Resumed from %s at step %d.", manager.latest_checkpoint, int(step))
+  elif FLAGS.init_from:
+    priors.grow_from(prior, priors.load(FLAGS.init_from))
+    logging.info("Grown from %s: initial test bits/dim %.4f", FLAGS.init_from,
+                 evaluate(log_prob_fn, eval_x[:1000], event_size, levels))
   else:
     init_batch = tf.concat([next(train_iter) for _ in range(max(1, 512 // FLAGS.batch_size))], 0)
     priors.data_init(prior, init_batch)

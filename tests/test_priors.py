@@ -115,6 +115,54 @@ def test_save_load_round_trip_is_frozen_and_equal(name, tmp_path):
   assert len(priors.load(str(tmp_path), trainable=True).trainable_variables) > 0
 
 
+GROWABLE = {
+    "realnvp": lambda width: priors.realnvp([4, 4, 1], num_scales=1, hidden_channels=width,
+                                            num_checkerboard=2, num_channelwise=2, num_final=2),
+    "glow": lambda width: priors.glow([4, 4, 2], num_levels=2, num_steps=2,
+                                      hidden_channels=width, num_blocks=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GROWABLE))
+def test_grow_from_keeps_the_density_and_trains_every_new_unit(name):
+  tf.random.set_seed(0)
+  small = GROWABLE[name](8)
+  rng = np.random.default_rng(0)
+  for v in priors.flow_module(small).trainable_variables:
+    v.assign(v + 0.1 * rng.normal(size=v.shape).astype(np.float32))
+  wide = GROWABLE[name](13)
+  x = _images(small)
+  assert np.max(np.abs(wide.log_prob(x).numpy() - small.log_prob(x).numpy())) > 1e-2
+  priors.grow_from(wide, small)
+  np.testing.assert_allclose(wide.log_prob(x).numpy(), small.log_prob(x).numpy(), rtol=1e-5,
+                             atol=1e-3)
+  variables = priors.flow_module(wide).trainable_variables
+
+  def gradients():
+    with tf.GradientTape() as tape:
+      loss = -tf.reduce_mean(wide.log_prob(x))
+    return tape.gradient(loss, variables)
+
+  # At first only the zeroed new -> old weights see a gradient (new units are ignored);
+  # after one step every new unit does.
+  for v, g in zip(variables, gradients()):
+    v.assign_sub(1e-3 * g)
+  for v, g in zip(variables, gradients()):
+    if v.shape.rank == 4 and v.shape[-1] == 13:  # A new hidden unit's incoming weights.
+      assert float(tf.reduce_max(tf.abs(g[..., 8:]))) > 0, v.name
+    assert float(tf.reduce_max(tf.abs(g))) > 0, v.name
+
+
+def test_grow_from_rejects_a_different_layout():
+  small = priors.glow([4, 4, 2], num_levels=2, num_steps=2, hidden_channels=8, num_blocks=0)
+  with pytest.raises(ValueError, match="same architecture"):
+    priors.grow_from(priors.glow([4, 4, 2], num_levels=2, num_steps=3, hidden_channels=8,
+                                 num_blocks=0), small)
+  with pytest.raises(ValueError, match="Cannot grow"):
+    priors.grow_from(priors.glow([4, 4, 2], num_levels=2, num_steps=2, hidden_channels=4,
+                                 num_blocks=0), small)
+
+
 def test_data_init_sets_actnorm_statistics():
   prior = priors.glow([4, 4, 1], num_levels=1, num_steps=1, hidden_channels=4)
   x = _images(prior, batch=64)

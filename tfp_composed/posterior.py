@@ -320,9 +320,10 @@ class ComposedPosterior(tfd.TransformedDistribution):
   def initialize(self, num_starts=None, seed=0, num_steps=500):
     """Multi-start Laplace start: locates the latent posterior's modes and fits `q` to them.
 
-    1. `num_starts` points drawn from the prior's base climb the latent target (batched Adam,
-       `num_steps` steps, then damped Newton steps for up to 16 dimensions); the distinct
-       maxima are polished by Newton steps.
+    1. `num_starts` points (default `max(16, 4 K)`, `2 K` above 256 latent dimensions) drawn
+       from the prior's base climb the latent target (batched Adam, `num_steps` steps, then
+       damped Newton steps for up to 16 dimensions); up to 256 dimensions the distinct maxima
+       are polished by Newton steps.
     2. Distinct local maxima `mu_k` (greedily, best first; a point joined to a kept mode by
        a segment that never dips 1 nat below its lower end is a duplicate) get Laplace
        approximations `N(mu_k, H_k^{-1})` with `H_k` the negative Hessian of the latent target
@@ -337,8 +338,9 @@ class ComposedPosterior(tfd.TransformedDistribution):
     dtype = self.dtype
     size = self._latent_size
     k_max = self._num_components
+    large = size > _LARGE_DIM
     if num_starts is None:
-      num_starts = max(16, 4 * k_max)
+      num_starts = 2 * k_max if large else max(16, 4 * k_max)
     draws = self._prior.distribution.sample(max(256, num_starts),
                                             seed=tfp.random.sanitize_seed(seed))
     draws = tf.reshape(tf.cast(draws, dtype), [-1, size])
@@ -366,7 +368,8 @@ class ComposedPosterior(tfd.TransformedDistribution):
              for m, v, _, _, _ in selected):
         continue
       mu, value, precision, covariance, _ = _laplace(
-          self._flat_target, derivatives, mu, float(values[i]), dtype, min_precision)
+          self._flat_target, derivatives, mu, float(values[i]), dtype, min_precision,
+          newton_steps=0 if large else 3)
       # A curved mode gets a narrower Gaussian; its weight is its estimated evidence.
       covariance, log_evidence = _fit_gaussian_scale(
           self._flat_target, mu, covariance, dtype, seed + len(selected))
@@ -405,12 +408,13 @@ class ComposedPosterior(tfd.TransformedDistribution):
     if self._num_components > 1:
       inv = np.linalg.inv(linear)
       locs = np.einsum("ij,kj->ki", inv, mus - mean)
-      white_covs = np.einsum("ij,kjl,ml->kim", inv, covs, inv)
-      white_covs = 0.5 * (white_covs + np.swapaxes(white_covs, -1, -2))
       if size <= _FULL_COMPONENT_MAX_DIM:
+        white_covs = inv[None] @ covs @ inv.T[None]
+        white_covs = 0.5 * (white_covs + np.swapaxes(white_covs, -1, -2))
         scales = np.linalg.cholesky(white_covs + 1e-9 * np.eye(size))
-      else:
-        scales = np.sqrt(np.maximum(np.einsum("kii->ki", white_covs), 1e-12))
+      else:  # Diagonal components: only the diagonal of inv C inv^T is needed.
+        white_vars = np.sum((inv[None] @ covs) * inv[None], axis=-1)
+        scales = np.sqrt(np.maximum(white_vars, 1e-12))
       self._mixture_logits.assign(tf.cast(log_w, dtype))
       self._component_locs.assign(tf.cast(locs, dtype))
       self._component_scales.assign(tf.cast(scales, dtype))
@@ -474,6 +478,9 @@ def _find_modes(target, starts, num_steps, learning_rate=0.1):
 
 
 _NEWTON_MAX_DIM = 16
+# Above this many latent dimensions `initialize` uses fewer starts and one Hessian per mode
+# (each Hessian costs `size` Hessian-vector products).
+_LARGE_DIM = 256
 
 
 def _newton_ascent(target, z, values, dtype, min_precision, num_iterations=25):

@@ -12,6 +12,7 @@ from tfp_composed.priors.builders import build
 from tfp_composed.priors.builders import data_init
 from tfp_composed.priors.builders import flow_module
 from tfp_composed.priors.builders import glow
+from tfp_composed.priors.builders import grow_from
 from tfp_composed.priors.builders import realnvp
 from tfp_composed.priors.builders import realnvp_dense
 from tfp_composed.priors.io import PRETRAINED_DIR
@@ -33,6 +34,7 @@ __all__ = [
     "fit_maximum_likelihood",
     "flow_module",
     "glow",
+    "grow_from",
     "load",
     "load_config",
     "realnvp",

@@ -38,6 +38,7 @@ __all__ = [
     "data_init",
     "flow_module",
     "glow",
+    "grow_from",
     "realnvp",
     "realnvp_dense",
 ]
@@ -332,3 +333,51 @@ def data_init(prior, x):
       break
     y = b.inverse(y)
   return prior
+
+
+def grow_from(prior, source):
+  """Copies a narrower prior of the same layout into `prior`, keeping its density exactly.
+
+  Function-preserving widening (Chen et al., 2016, "Net2Net"): `prior` and `source` have the
+  same architecture except wider coupling networks in `prior`. Every variable of the same shape
+  is copied. A wider convolution kernel `[k, k, in, out]` gets the source kernel in its leading
+  block, zeros where a new input channel would feed an old output channel, and keeps its own
+  random initialization for the new output channels (biases: zeros). New hidden units therefore
+  start out ignored by the old ones and by the zero-initialized output layer, so
+  `prior.log_prob == source.log_prob`, while they all receive gradients.
+
+  Args:
+    prior: a trainable prior built by this package (the wider one).
+    source: a prior built by this package with the same architecture and at most the widths of
+      `prior` (e.g. `tfc.priors.load(...)`).
+
+  Raises:
+    ValueError: if the two priors do not have the same variable layout.
+  """
+  new_vars = flow_module(prior).variables
+  old_vars = flow_module(source).variables
+  if len(new_vars) != len(old_vars):
+    raise ValueError(f"`source` has {len(old_vars)} variables, `prior` {len(new_vars)}: the two "
+                     "priors must have the same architecture up to the coupling-network width.")
+  for new, old in zip(new_vars, old_vars):
+    if new.shape.rank != old.shape.rank or any(
+        n < o for n, o in zip(new.shape.as_list(), old.shape.as_list())):
+      raise ValueError(f"Cannot grow variable {old.name} of shape {old.shape} into {new.name} "
+                       f"of shape {new.shape}.")
+    if new.shape == old.shape:
+      new.assign(old)
+      continue
+    value = new.numpy()
+    o = old.numpy()
+    if value.ndim == 1:  # Bias.
+      value[:] = 0.0
+      value[:o.shape[0]] = o
+    elif value.ndim == 4:  # Conv kernel [k, k, in, out].
+      if value.shape[:2] != o.shape[:2]:
+        raise ValueError(f"Kernel sizes differ for {new.name}: {old.shape} vs {new.shape}.")
+      n_in, n_out = o.shape[2], o.shape[3]
+      value[:, :, n_in:, :n_out] = 0.0
+      value[:, :, :n_in, :n_out] = o
+    else:
+      raise ValueError(f"Cannot grow variable {new.name} of shape {old.shape} to {new.shape}.")
+    new.assign(value)
