@@ -241,6 +241,12 @@ class ComposedPosterior(tfd.TransformedDistribution):
 
     The one function shared by composed VI, the MCMC baselines and the diagnostics.
 
+    Where the prior's forward pass `f(z)` is not finite (a trained flow can overflow far from
+    the latents it was trained on), `log p(y | f(z))` is replaced by the lowest finite value in
+    the batch (a constant; `-inf` if there is none) instead of a NaN that would poison the
+    whole batch's gradient; `log p_base(z)` keeps its gradient, which pulls such latents back.
+    Finding them costs one extra, gradient-free forward pass of `f`.
+
     Args:
       z: latents, shape `batch + latent_event_shape`.
       likelihood_weight: the likelihood's weight `w` (1 for the posterior).
@@ -249,9 +255,24 @@ class ComposedPosterior(tfd.TransformedDistribution):
       Tensor of shape `batch`.
     """
     z = tf.convert_to_tensor(z, self.dtype)
-    x = self._prior.bijector.forward(z)
+    event_rank = self._prior.event_shape.rank
+    # A gradient-free pass finds the overflowing latents; the differentiated pass then runs
+    # on safe inputs only (a NaN anywhere in a backward pass reaches every gradient).
+    probe = self._prior.bijector.forward(tf.stop_gradient(z))
+    ok = tf.reduce_all(tf.math.is_finite(probe), axis=tf.range(-event_rank, 0))
+    keep = tf.reshape(ok, tf.concat([tf.shape(ok), tf.ones([self._latent_shape.rank],
+                                                           tf.int32)], 0))
+    x = self._prior.bijector.forward(tf.where(keep, z, tf.zeros_like(z)))
+    log_likelihood = self._likelihood.log_prob(self._observation, x)
+    # Pessimistic imputation: the batch's lowest finite log-likelihood (a constant), so the
+    # prior term's gradient still pulls such latents back (-inf if none is finite).
+    worst = tf.stop_gradient(tf.reduce_min(tf.where(
+        ok & tf.math.is_finite(log_likelihood), log_likelihood,
+        tf.constant(np.inf, log_likelihood.dtype))))
+    worst = tf.where(tf.math.is_finite(worst), worst, tf.constant(-np.inf, worst.dtype))
+    log_likelihood = tf.where(ok, log_likelihood, worst)
     return (self._prior.distribution.log_prob(z)
-            + likelihood_weight * self._likelihood.log_prob(self._observation, x))
+            + likelihood_weight * log_likelihood)
 
   def _flat_target(self, z_flat):
     z = tf.reshape(z_flat, tf.concat([tf.shape(z_flat)[:-1], self._latent_shape], 0))
@@ -300,6 +321,11 @@ class ComposedPosterior(tfd.TransformedDistribution):
     components, `sum_k w_k E_{eps ~ q_k}[...]`, which makes the gradient with respect to the
     mixture weights exact and keeps every component's reparameterization gradient.
 
+    Draws whose terms are not finite (a trained flow `f` can overflow far from the latents it
+    was trained on, long before `p_base` is negligible) are left out of the average: the
+    estimate is the negative ELBO of `q` restricted to where `f` is numerically defined. If
+    every draw of a component is non-finite the loss is NaN and `fit` skips the step.
+
     Args:
       batch_size: total number of samples (split evenly over the components).
       seed: a stateless seed (int or shape-[2] tensor); None draws a fresh one.
@@ -313,7 +339,10 @@ class ComposedPosterior(tfd.TransformedDistribution):
     per_component = max(1, -(-int(batch_size) // self._num_components))
     terms = self.negative_elbo_terms(per_component, seed, likelihood_weight)
     log_weights, _ = self._components()
-    return tf.reduce_sum(tf.exp(log_weights) * tf.reduce_mean(terms, axis=0))
+    finite = tf.math.is_finite(terms)
+    count = tf.reduce_sum(tf.cast(finite, terms.dtype), axis=0)
+    return tf.reduce_sum(tf.exp(log_weights) * tf.reduce_sum(
+        tf.where(finite, terms, tf.zeros_like(terms)), axis=0) / count)
 
   # ---------------------------------------------------------------- initialization
 
