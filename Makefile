@@ -1,4 +1,4 @@
-# Two commands set up a fresh machine: `make demo` (main job) and `make test`.
+# Two commands set up a fresh machine: `make demo` (main job: MNIST inpainting) and `make test`.
 # Both create the virtualenv `.venv` on first use and install the package into it.
 
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: demo inpaint test benchmark clean
+.PHONY: demo inpaint moons test benchmark clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -14,11 +14,13 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-demo: $(VENV)/.installed
-	$(PY) -m experiments.demo --output outputs/demo.png
+demo: inpaint
 
 inpaint: $(VENV)/.installed
 	$(PY) -m experiments.inpaint --output outputs/inpainting.png
+
+moons: $(VENV)/.installed
+	$(PY) -m experiments.demo --output outputs/demo.png
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
