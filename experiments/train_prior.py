@@ -58,6 +58,8 @@ flags.DEFINE_integer("num_levels", 2, "Glow levels / RealNVP scales.")
 flags.DEFINE_integer("steps_per_level", 8, "Glow flow steps per level.")
 flags.DEFINE_integer("hidden_channels", 64, "Width of the coupling networks.")
 flags.DEFINE_integer("num_blocks", 0, "Residual blocks per coupling network.")
+flags.DEFINE_bool("learned_prior", False,
+                  "Glow: learned conditional prior of the factored-out channels.")
 flags.DEFINE_string("init_from", None,
                     "Start from this saved prior (name or directory) of the same layout, widened "
                     "to --hidden_channels without changing its density (tfc.priors.grow_from).")
@@ -75,7 +77,7 @@ def build_prior(shape):
   if FLAGS.architecture == "glow":
     return priors.glow(shape, num_levels=FLAGS.num_levels, num_steps=FLAGS.steps_per_level,
                        hidden_channels=FLAGS.hidden_channels, num_blocks=FLAGS.num_blocks,
-                       alpha=FLAGS.alpha, seed=FLAGS.seed)
+                       alpha=FLAGS.alpha, learned_prior=FLAGS.learned_prior, seed=FLAGS.seed)
   return priors.realnvp(shape, num_scales=FLAGS.num_levels, hidden_channels=FLAGS.hidden_channels,
                         num_blocks=FLAGS.num_blocks, alpha=FLAGS.alpha)
 

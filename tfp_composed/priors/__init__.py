@@ -21,6 +21,7 @@ from tfp_composed.priors.io import load
 from tfp_composed.priors.io import load_config
 from tfp_composed.priors.io import save
 from tfp_composed.priors.layers import MultiScaleFlowBijector
+from tfp_composed.priors.layers import SplitPrior
 from tfp_composed.priors.toy import fit_maximum_likelihood
 from tfp_composed.priors.toy import toy_prior
 
@@ -28,6 +29,7 @@ __all__ = [
     "ARCHITECTURES",
     "MultiScaleFlowBijector",
     "PRETRAINED_DIR",
+    "SplitPrior",
     "available",
     "build",
     "data_init",

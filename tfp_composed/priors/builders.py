@@ -150,7 +150,7 @@ def realnvp(event_shape, num_scales=2, hidden_channels=64, num_blocks=1, num_che
 
 
 def glow(event_shape, num_levels=2, num_steps=8, hidden_channels=64, num_blocks=0, alpha=0.05,
-         trainable=True, seed=0, name="glow_prior"):
+         learned_prior=False, trainable=True, seed=0, name="glow_prior"):
   """Multi-scale Glow prior over images in `[0, 1]` (Kingma & Dhariwal, 2018).
 
   Each of the `num_levels` levels squeezes `[H, W, C] -> [H/2, W/2, 4C]`, runs `num_steps` flow
@@ -165,6 +165,9 @@ def glow(event_shape, num_levels=2, num_steps=8, hidden_channels=64, num_blocks=
     hidden_channels: width of the coupling networks.
     num_blocks: residual blocks per coupling network (0 gives Glow's 3-layer net).
     alpha: logit preprocessing constant (see `tfc.data.logit_bijector`).
+    learned_prior: if `True`, the channels factored out at each level are conditionally
+      Gaussian given the kept channels (`layers.SplitPrior`, Glow's learned prior) instead of
+      independent standard normals; it starts as the identity, so `grow_from` can add it.
     trainable: create the variables trainable (`False` for a frozen prior).
     seed: seed of the random rotations initializing the 1x1 convolutions.
     name: distribution name.
@@ -184,9 +187,13 @@ def glow(event_shape, num_levels=2, num_steps=8, hidden_channels=64, num_blocks=
   num_steps = _check_positive_int("num_steps", num_steps)
   hidden_channels = _check_positive_int("hidden_channels", hidden_channels)
   num_blocks = _check_positive_int("num_blocks", num_blocks, 0)
+  if not isinstance(learned_prior, (bool, np.bool_)):
+    raise ValueError(f"`learned_prior` must be a bool. Got: {learned_prior!r}.")
   kwargs = dict(event_shape=shape, num_levels=num_levels, num_steps=num_steps,
                 hidden_channels=hidden_channels, num_blocks=num_blocks, alpha=float(alpha),
                 seed=int(seed))
+  if learned_prior:  # Only recorded when set, so older configs keep loading unchanged.
+    kwargs["learned_prior"] = True
   data_lib.logit_bijector(alpha)  # Validates alpha.
 
   def make_level(level, c):
@@ -197,8 +204,11 @@ def glow(event_shape, num_levels=2, num_steps=8, hidden_channels=64, num_blocks=
                 layers.InvertibleConv1x1(c, trainable=trainable, seed=seed * 1000 + level * 100 + i),
                 layers.ChannelCoupling(c, hidden_channels, num_blocks, trainable=trainable)]
     nxt = make_level(level + 1, c // 2) if level + 1 < num_levels else None
+    split = None
+    if learned_prior and nxt is not None:
+      split = layers.SplitPrior(c - c // 2, c // 2, hidden_channels, trainable=trainable)
     return layers.MultiScaleFlow(post_steps=steps, squeeze=True, next_level=nxt,
-                                 name=f"level_{level}")
+                                 split_prior=split, name=f"level_{level}")
 
   flow = make_level(0, shape[2])
   return _image_prior(flow, shape, alpha, {"architecture": "glow", "kwargs": kwargs}, name)
@@ -335,6 +345,13 @@ def data_init(prior, x):
   return prior
 
 
+def _variables_by_path(module):
+  """`{'level_0/post_steps/3/net/conv_in/w': variable, ...}` for a flow module."""
+  return {"/".join(str(k) for k in path): v
+          for path, v in module._flatten(  # pylint: disable=protected-access
+              predicate=lambda v: isinstance(v, tf.Variable), with_path=True)}
+
+
 def grow_from(prior, source):
   """Copies a narrower prior of the same layout into `prior`, keeping its density exactly.
 
@@ -344,26 +361,31 @@ def grow_from(prior, source):
   block, zeros where a new input channel would feed an old output channel, and keeps its own
   random initialization for the new output channels (biases: zeros). New hidden units therefore
   start out ignored by the old ones and by the zero-initialized output layer, so
-  `prior.log_prob == source.log_prob`, while they all receive gradients.
+  `prior.log_prob == source.log_prob`, while they all receive gradients. Learned split priors
+  (`glow(..., learned_prior=True)`) missing from `source` are added as they start: identity.
 
   Args:
     prior: a trainable prior built by this package (the wider one).
     source: a prior built by this package with the same architecture and at most the widths of
-      `prior` (e.g. `tfc.priors.load(...)`).
+      `prior` (e.g. `tfc.priors.load(...)`), with or without its learned split priors.
 
   Raises:
     ValueError: if the two priors do not have the same variable layout.
   """
-  new_vars = flow_module(prior).variables
-  old_vars = flow_module(source).variables
-  if len(new_vars) != len(old_vars):
-    raise ValueError(f"`source` has {len(old_vars)} variables, `prior` {len(new_vars)}: the two "
-                     "priors must have the same architecture up to the coupling-network width.")
-  for new, old in zip(new_vars, old_vars):
+  new_vars = _variables_by_path(flow_module(prior))
+  old_vars = _variables_by_path(flow_module(source))
+  missing = [p for p in old_vars if p not in new_vars]
+  added = [p for p in new_vars if p not in old_vars]
+  if missing or any("split_prior" not in p for p in added):
+    raise ValueError(f"`source` and `prior` must have the same architecture up to the "
+                     f"coupling-network width and added learned priors. Variables only in "
+                     f"`source`: {missing[:3]}; only in `prior`: {added[:3]}.")
+  for path, old in old_vars.items():
+    new = new_vars[path]
     if new.shape.rank != old.shape.rank or any(
         n < o for n, o in zip(new.shape.as_list(), old.shape.as_list())):
-      raise ValueError(f"Cannot grow variable {old.name} of shape {old.shape} into {new.name} "
-                       f"of shape {new.shape}.")
+      raise ValueError(f"Cannot grow variable {path} of shape {old.shape} into shape "
+                       f"{new.shape}.")
     if new.shape == old.shape:
       new.assign(old)
       continue
@@ -374,10 +396,10 @@ def grow_from(prior, source):
       value[:o.shape[0]] = o
     elif value.ndim == 4:  # Conv kernel [k, k, in, out].
       if value.shape[:2] != o.shape[:2]:
-        raise ValueError(f"Kernel sizes differ for {new.name}: {old.shape} vs {new.shape}.")
+        raise ValueError(f"Kernel sizes differ for {path}: {old.shape} vs {new.shape}.")
       n_in, n_out = o.shape[2], o.shape[3]
       value[:, :, n_in:, :n_out] = 0.0
       value[:, :, :n_in, :n_out] = o
     else:
-      raise ValueError(f"Cannot grow variable {new.name} of shape {old.shape} to {new.shape}.")
+      raise ValueError(f"Cannot grow variable {path} of shape {old.shape} to {new.shape}.")
     new.assign(value)

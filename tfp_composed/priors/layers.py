@@ -32,6 +32,7 @@ __all__ = [
     "InvertibleConv1x1",
     "MultiScaleFlow",
     "MultiScaleFlowBijector",
+    "SplitPrior",
 ]
 
 
@@ -224,6 +225,38 @@ class CheckerboardCoupling(tf.Module):
     return z, _sum_event(log_scale)
 
 
+class SplitPrior(tf.Module):
+  """Learned conditional prior of factored-out channels (Kingma & Dhariwal, 2018, Sec. 3.3).
+
+  Given the kept half `h` of a split, the factored-out half `x_out` is modelled as
+  `N(mean(h), exp(log_scale(h))^2)`, i.e. standardized before it joins the latent:
+
+      inverse: z_out = (x_out - mean(h)) * exp(-log_scale(h)),  log|det| = -sum log_scale
+      forward: x_out = z_out * exp(log_scale(h)) + mean(h),     log|det| = +sum log_scale
+
+  `log_scale = 3 tanh(raw / 3)` keeps each scale in `(e^-3, e^3)` so the latent -> data pass
+  cannot overflow here. The network's last layer starts at zero, so a new split prior is the
+  identity (standard normal factored-out variables, as without it).
+  """
+
+  def __init__(self, cond_channels, channels, hidden_channels, trainable=True, name=None):
+    super().__init__(name=name)
+    self.net = ConvResNet(cond_channels, 2 * channels, hidden_channels, num_blocks=0,
+                          trainable=trainable)
+
+  def _params(self, h):
+    mean, raw = tf.split(self.net(h), 2, axis=-1)
+    return mean, 3.0 * tf.tanh(raw / 3.0)
+
+  def forward(self, z_out, h):
+    mean, log_scale = self._params(h)
+    return z_out * tf.exp(log_scale) + mean, _sum_event(log_scale)
+
+  def inverse(self, x_out, h):
+    mean, log_scale = self._params(h)
+    return (x_out - mean) * tf.exp(-log_scale), -_sum_event(log_scale)
+
+
 class MultiScaleFlow(tf.Module):
   """One level of a multi-scale flow, holding the next level recursively.
 
@@ -231,15 +264,20 @@ class MultiScaleFlow(tf.Module):
   squeezes `[H, W, C] -> [H/2, W/2, 4C]` (if `squeeze`), runs its `post_steps`, factors out
   half of the channels as latent variables and passes the other half to `next_level`; the
   results are concatenated and un-squeezed, so the latent has the shape of the image. The
-  factored-out variables are standard normal under the base distribution (Dinh et al., 2017).
+  factored-out variables are standard normal under the base distribution (Dinh et al., 2017),
+  or, with a `split_prior`, conditionally Gaussian given the kept half (Glow's learned prior).
   """
 
-  def __init__(self, pre_steps=(), post_steps=(), squeeze=True, next_level=None, name=None):
+  def __init__(self, pre_steps=(), post_steps=(), squeeze=True, next_level=None,
+               split_prior=None, name=None):
     super().__init__(name=name)
+    if split_prior is not None and next_level is None:
+      raise ValueError("A `split_prior` needs a `next_level` (a level that factors out channels).")
     self.pre_steps = list(pre_steps)
     self.post_steps = list(post_steps)
     self.squeeze = squeeze
     self.next_level = next_level
+    self.split_prior = split_prior
 
   def inverse(self, x, init=False):
     """Data -> latent: returns `(z, log|det dz/dx|)`; `init=True` runs actnorm data init."""
@@ -255,6 +293,9 @@ class MultiScaleFlow(tf.Module):
     if self.next_level is not None:
       c = x.shape[-1] // 2
       z_out, h = x[..., :c], x[..., c:]
+      if self.split_prior is not None:
+        z_out, l = self.split_prior.inverse(z_out, h)
+        ldj += l
       z_h, l = self.next_level.inverse(h, init=init)
       ldj += l
       x = tf.concat([z_out, z_h], axis=-1)
@@ -272,6 +313,9 @@ class MultiScaleFlow(tf.Module):
       z_out, z_h = z[..., :c], z[..., c:]
       h, l = self.next_level.forward(z_h)
       ldj += l
+      if self.split_prior is not None:
+        z_out, l = self.split_prior.forward(z_out, h)
+        ldj += l
       z = tf.concat([z_out, h], axis=-1)
     for step in reversed(self.post_steps):
       z, l = step.forward(z)
