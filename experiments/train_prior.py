@@ -37,7 +37,8 @@ from tfp_composed import priors
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("dataset", "mnist", "Dataset: mnist, digits8x8 or a TFDS image dataset.")
+flags.DEFINE_string("dataset", "mnist", "Dataset: mnist, digits8x8 (offline), fashion_mnist, "
+                    "cifar10 or celeb_a (with --download).")
 flags.DEFINE_enum("architecture", "glow", ["glow", "realnvp"], "Prior architecture.")
 flags.DEFINE_integer("num_steps", 10000, "Total number of training steps.")
 flags.DEFINE_integer("batch_size", 64, "Training batch size.")
@@ -125,6 +126,9 @@ def main(argv):
     with open(os.path.join(ckpt_dir, "commands.txt"), "a") as f:
       f.write(command + "\n")
 
+  if FLAGS.dataset not in data_lib.DATASET_INFO:
+    raise app.UsageError(f"--dataset must be one of {sorted(data_lib.DATASET_INFO)}. "
+                         f"Got: {FLAGS.dataset!r}.")
   shape, levels = data_lib.DATASET_INFO[FLAGS.dataset]
   event_size = int(np.prod(shape))
   prior = build_prior(list(shape))

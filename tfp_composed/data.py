@@ -68,6 +68,7 @@ DATASET_INFO = {
     "fashion_mnist": ((28, 28, 1), 256),
     "digits8x8": ((8, 8, 1), 17),
     "cifar10": ((32, 32, 3), 256),
+    "celeb_a": ((64, 64, 3), 256),  # 148 x 148 centre crop resized to 64 x 64 (RealNVP, Glow).
 }
 
 _MNIST_FILES = {
@@ -286,12 +287,24 @@ def load(name, split="train", data_dir=None, download=False, shuffle_files=False
     tfds_name, do_download = "mnist_local", True  # Built from local IDX files (npm).
   else:
     tfds_name, do_download = name, bool(download)
-  return tfds.load(tfds_name, split=split, data_dir=data_dir, download=do_download,
-                   shuffle_files=shuffle_files)
+  ds = tfds.load(tfds_name, split=split, data_dir=data_dir, download=do_download,
+                 shuffle_files=shuffle_files)
+  if name == "celeb_a":
+    ds = ds.map(_celeb_a_64, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds
+
+
+def _celeb_a_64(example):
+  """CelebA `218 x 178` faces -> the usual `64 x 64` crop (Dinh et al., 2017)."""
+  image = tf.image.crop_to_bounding_box(example["image"], 40, 15, 148, 148)
+  image = tf.image.resize(image, [64, 64], method="area")
+  return {"image": tf.cast(tf.round(image), tf.uint8)}
 
 
 def load_numpy(name, split="test", data_dir=None, download=False):
   """Loads a whole split as numpy arrays `(images uint8 [N, H, W, C], labels int64 [N])`.
+
+  Datasets without a `label` feature (e.g. `celeb_a`) get labels `-1`.
 
   #### Examples
 
@@ -302,7 +315,10 @@ def load_numpy(name, split="test", data_dir=None, download=False):
   ds = load(name, split=split, data_dir=data_dir, download=download)
   batches = list(tfds.as_numpy(ds.batch(10000)))
   images = np.concatenate([b["image"] for b in batches])
-  labels = np.concatenate([b["label"] for b in batches])
+  if "label" in batches[0]:
+    labels = np.concatenate([b["label"] for b in batches]).astype(np.int64)
+  else:
+    labels = np.full([len(images)], -1, np.int64)
   return images, labels
 
 
