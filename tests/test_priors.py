@@ -210,6 +210,27 @@ def test_realnvp_dense_prior_round_trip(tmp_path):
   assert loaded.trainable_variables == ()
 
 
+def test_tempered_prior_scales_the_latent_and_keeps_an_exact_density():
+  prior = _perturbed("glow")
+  cold = priors.tempered(prior, 0.5)
+  x = _images(prior)
+  z = prior.bijector.inverse(x)
+  # Change of variables: log p_T(x) = log N(z; 0, T^2) + log|dz/dx| with the prior's own z.
+  expected = (tf.reduce_sum(tfd_normal_log_prob(z, 0.5), axis=[1, 2, 3])
+              + prior.bijector.inverse_log_det_jacobian(tf.identity(x), event_ndims=3))
+  np.testing.assert_allclose(cold.log_prob(x).numpy(), expected.numpy(), rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(priors.tempered(prior, 1.0).log_prob(x).numpy(),
+                             prior.log_prob(x).numpy(), rtol=1e-6, atol=1e-4)
+  latents = prior.bijector.inverse(cold.sample(400, seed=[3, 4]))
+  np.testing.assert_allclose(float(tf.math.reduce_std(latents)), 0.5, atol=0.02)
+  with pytest.raises(ValueError, match=re.escape("positive finite float. Got: 0")):
+    priors.tempered(prior, 0)
+
+
+def tfd_normal_log_prob(z, scale):
+  return -0.5 * tf.square(z / scale) - np.log(scale) - 0.5 * np.log(2 * np.pi)
+
+
 def test_argument_checks_echo_the_bad_value():
   with pytest.raises(ValueError, match=re.escape("cannot be squeezed 1 times")):
     priors.glow([7, 7, 1], num_levels=1)

@@ -15,6 +15,7 @@ from tfp_composed.priors.builders import glow
 from tfp_composed.priors.builders import grow_from
 from tfp_composed.priors.builders import realnvp
 from tfp_composed.priors.builders import realnvp_dense
+from tfp_composed.priors.builders import tempered
 from tfp_composed.priors.io import PRETRAINED_DIR
 from tfp_composed.priors.io import available
 from tfp_composed.priors.io import load
@@ -42,5 +43,6 @@ __all__ = [
     "realnvp",
     "realnvp_dense",
     "save",
+    "tempered",
     "toy_prior",
 ]
