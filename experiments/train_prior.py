@@ -178,6 +178,9 @@ def main(argv):
                  evaluate(log_prob_fn, eval_x[:1000], event_size, levels))
   else:
     init_batch = tf.concat([next(train_iter) for _ in range(max(1, 512 // FLAGS.batch_size))], 0)
+    # Actnorm statistics from the finite images only (a corrupt batch must not poison them).
+    init_batch = tf.boolean_mask(
+        init_batch, tf.reduce_all(tf.math.is_finite(init_batch), axis=[1, 2, 3]))
     priors.data_init(prior, init_batch)
     logging.info("Initial test bits/dim %.4f", evaluate(log_prob_fn, eval_x[:1000], event_size,
                                                          levels))

@@ -195,6 +195,11 @@ def test_data_init_sets_actnorm_statistics():
   out, _ = first_actnorm.inverse(y)
   np.testing.assert_allclose(tf.reduce_mean(out, [0, 1, 2]).numpy(), 0.0, atol=1e-4)
   np.testing.assert_allclose(tf.math.reduce_std(out, [0, 1, 2]).numpy(), 1.0, atol=1e-3)
+  before = [v.numpy() for v in priors.flow_module(prior).variables]
+  with pytest.raises(ValueError, match="finite images"):
+    priors.data_init(prior, tf.where(x > 0.5, np.nan, x))
+  for b, v in zip(before, priors.flow_module(prior).variables):  # Nothing was overwritten.
+    np.testing.assert_array_equal(b, v.numpy())
 
 
 def test_realnvp_dense_prior_round_trip(tmp_path):

@@ -77,3 +77,24 @@ def test_training_on_a_downloaded_dataset(tmp_path):
 def test_unknown_dataset_is_a_usage_error(tmp_path):
   with pytest.raises(Exception, match="--dataset must be one of"):
     _run(dataset="imagenet", num_steps=1, checkpoint_dir=str(tmp_path))
+
+
+def test_non_finite_batches_are_skipped(tmp_path, monkeypatch):
+  pipeline = data.image_pipeline
+
+  def poisoned(*args, **kwargs):  # Every third training batch is NaN.
+    ds = pipeline(*args, **kwargs).enumerate()
+    return ds.map(lambda i, x: tf.where(i % 3 == 0, tf.fill(tf.shape(x), np.nan), x))
+
+  monkeypatch.setattr(train_prior.data_lib, "image_pipeline", poisoned)
+  ckpt_dir = str(tmp_path / "run")
+  _run(dataset="digits8x8", data_dir=str(tmp_path / "data"), checkpoint_dir=ckpt_dir,
+       num_steps=6)
+  reader = tf.train.load_checkpoint(ckpt_dir)
+  # The actnorm init takes batches 0-63 (NaN ones filtered out); steps 1-6 get batches 64-69,
+  # of which 66 and 69 are NaN.
+  assert reader.get_tensor("skipped/.ATTRIBUTES/VARIABLE_VALUE") == 2
+  assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 6
+  for name in reader.get_variable_to_shape_map():
+    if name.startswith("flow/"):
+      assert np.all(np.isfinite(reader.get_tensor(name))), name

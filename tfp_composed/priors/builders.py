@@ -339,6 +339,9 @@ def data_init(prior, x):
   if not flows:
     return prior
   y = tf.convert_to_tensor(x, tf.float32)
+  if y.shape.rank is None or y.shape[0] == 0 or not bool(tf.reduce_all(tf.math.is_finite(y))):
+    raise ValueError(f"`x` must be a non-empty batch of finite images. Got shape {y.shape} "
+                     "with non-finite values or no examples.")
   for b in bijectors:  # Chain order: last applied forward first; inverse goes front to back.
     if isinstance(b, layers.MultiScaleFlowBijector):
       b.flow.inverse(y, init=True)
