@@ -243,9 +243,11 @@ class ComposedPosterior(tfd.TransformedDistribution):
 
     Where the prior's forward pass `f(z)` is not finite (a trained flow can overflow far from
     the latents it was trained on), `log p(y | f(z))` is replaced by the lowest finite value in
-    the batch (a constant; `-inf` if there is none) instead of a NaN that would poison the
-    whole batch's gradient; `log p_base(z)` keeps its gradient, which pulls such latents back.
-    Finding them costs one extra, gradient-free forward pass of `f`.
+    the batch (a constant; `-inf` if there is none) instead of a NaN, and the gradient rows of
+    such latents that come back through `f` (NaN: `0 * inf` in `f`'s backward pass) are zeroed
+    where they enter `f`, so they cannot poison the rest of the batch; `log p_base(z)` keeps its
+    gradient, which pulls such latents back. `f` has no trainable variables here and its
+    samples do not interact, so every other row's gradient is exact.
 
     Args:
       z: latents, shape `batch + latent_event_shape`.
@@ -255,19 +257,13 @@ class ComposedPosterior(tfd.TransformedDistribution):
       Tensor of shape `batch`.
     """
     z = tf.convert_to_tensor(z, self.dtype)
-    event_rank = self._prior.event_shape.rank
-    # A gradient-free pass finds the overflowing latents; the differentiated pass then runs
-    # on safe inputs only (a NaN anywhere in a backward pass reaches every gradient).
-    probe = self._prior.bijector.forward(tf.stop_gradient(z))
-    ok = tf.reduce_all(tf.math.is_finite(probe), axis=tf.range(-event_rank, 0))
-    keep = tf.reshape(ok, tf.concat([tf.shape(ok), tf.ones([self._latent_shape.rank],
-                                                           tf.int32)], 0))
-    x = self._prior.bijector.forward(tf.where(keep, z, tf.zeros_like(z)))
+    x = self._prior.bijector.forward(_finite_gradient_rows(z, self._latent_shape.rank))
     log_likelihood = self._likelihood.log_prob(self._observation, x)
+    ok = tf.math.is_finite(log_likelihood)
     # Pessimistic imputation: the batch's lowest finite log-likelihood (a constant), so the
     # prior term's gradient still pulls such latents back (-inf if none is finite).
     worst = tf.stop_gradient(tf.reduce_min(tf.where(
-        ok & tf.math.is_finite(log_likelihood), log_likelihood,
+        ok, log_likelihood,
         tf.constant(np.inf, log_likelihood.dtype))))
     worst = tf.where(tf.math.is_finite(worst), worst, tf.constant(-np.inf, worst.dtype))
     log_likelihood = tf.where(ok, log_likelihood, worst)
@@ -465,6 +461,22 @@ class ComposedPosterior(tfd.TransformedDistribution):
                         learning_rate=learning_rate, seed=seed, callbacks=callbacks,
                         strategy=strategy, jit_compile=jit_compile,
                         checkpoint_dir=checkpoint_dir, verbose=verbose, **kwargs)
+
+
+def _finite_gradient_rows(z, event_rank):
+  """Identity on `z` whose gradient zeroes each event (row) that is not all finite."""
+
+  @tf.custom_gradient
+  def identity(z):
+
+    def grad(dz):
+      axes = tf.range(tf.rank(dz) - event_rank, tf.rank(dz))
+      ok = tf.reduce_all(tf.math.is_finite(dz), axis=axes, keepdims=True)
+      return tf.where(ok, dz, tf.zeros_like(dz))
+
+    return tf.identity(z), grad
+
+  return identity(z)
 
 
 def _default_pregenerator(latent_shape, dtype):
