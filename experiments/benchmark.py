@@ -91,7 +91,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("problems", ["2d", "image"], "Problems to run: 2d, image.")
 flags.DEFINE_integer("steps", 400, "Fit steps timed on the 2-D problem.")
 flags.DEFINE_integer("image_steps", 50, "Fit steps timed on the image problem.")
-flags.DEFINE_integer("batch_size", 64, "Fit batch size (samples per step) of the 2-D problem.")
+flags.DEFINE_integer("batch_size_2d", 64, "Fit batch size (samples per step) of the 2-D problem.")
 flags.DEFINE_integer("image_batch_size", 16, "Fit batch size of the image problem.")
 flags.DEFINE_integer("steps_per_execution", 20,
                      "fit's steps per compiled call on the 2-D problem (fit's default).")
@@ -741,7 +741,7 @@ def machine_info():
           "library_changes_not_committed": _git("status", "--porcelain", "--", "tfp_composed")}
 
 
-OPTIONS = dict(steps=400, image_steps=50, batch_size=64, image_batch_size=16,
+OPTIONS = dict(steps=400, image_steps=50, batch_size_2d=64, image_batch_size=16,
                steps_per_execution=20, image_steps_per_execution=5, throughput_batch=256,
                image_throughput_batch=64, repeats=7, prior="random", image_hidden_channels=96,
                train_steps=2, profile=False)
@@ -760,7 +760,7 @@ def benchmark(problems, log=print, **options):
   for name in problems:
     start = time.perf_counter()
     if name == "2d":
-      figures = run_problem(two_d_problem(), o["steps"], o["batch_size"],
+      figures = run_problem(two_d_problem(), o["steps"], o["batch_size_2d"],
                             o["steps_per_execution"], o["repeats"], o["throughput_batch"],
                             o["profile"], 0, log)
     elif name == "image":

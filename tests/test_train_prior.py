@@ -49,7 +49,7 @@ def test_train_resume_export_and_load(tmp_path, caplog):
   _run(num_steps=4, **common)
   assert tf.train.latest_checkpoint(ckpt_dir).endswith("ckpt-4")
   # Resume continues the step counter and the optimizer; export takes the best-on-test step.
-  with caplog.at_level("INFO"):
+  with caplog.at_level("INFO", logger="absl"):
     _run(num_steps=7, resume=True, export_dir=export_dir, **common)
   assert "ckpt-4 at step 4" in caplog.text
   assert tf.train.latest_checkpoint(ckpt_dir).endswith("ckpt-7")

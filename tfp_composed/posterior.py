@@ -259,11 +259,13 @@ class ComposedPosterior(tfd.TransformedDistribution):
     z = tf.convert_to_tensor(z, self.dtype)
     x = self._prior.bijector.forward(_finite_gradient_rows(z, self._latent_shape.rank))
     log_likelihood = self._likelihood.log_prob(self._observation, x)
-    ok = tf.math.is_finite(log_likelihood)
+    # Only the prior's overflow is imputed; a likelihood that is NaN at a finite `x` stays NaN
+    # (fit skips such steps).
+    ok = tf.reduce_all(tf.math.is_finite(x), axis=tf.range(-self._prior.event_shape.rank, 0))
     # Pessimistic imputation: the batch's lowest finite log-likelihood (a constant), so the
     # prior term's gradient still pulls such latents back (-inf if none is finite).
     worst = tf.stop_gradient(tf.reduce_min(tf.where(
-        ok, log_likelihood,
+        ok & tf.math.is_finite(log_likelihood), log_likelihood,
         tf.constant(np.inf, log_likelihood.dtype))))
     worst = tf.where(tf.math.is_finite(worst), worst, tf.constant(-np.inf, worst.dtype))
     log_likelihood = tf.where(ok, log_likelihood, worst)
