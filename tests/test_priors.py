@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_probability as tfp
 
 from tfp_composed import data
 from tfp_composed import priors
@@ -221,7 +222,7 @@ def test_tempered_prior_scales_the_latent_and_keeps_an_exact_density():
   x = _images(prior)
   z = prior.bijector.inverse(x)
   # Change of variables: log p_T(x) = log N(z; 0, T^2) + log|dz/dx| with the prior's own z.
-  expected = (tf.reduce_sum(tfd_normal_log_prob(z, 0.5), axis=[1, 2, 3])
+  expected = (tf.reduce_sum(tfp.distributions.Normal(0., 0.5).log_prob(z), axis=[1, 2, 3])
               + prior.bijector.inverse_log_det_jacobian(tf.identity(x), event_ndims=3))
   np.testing.assert_allclose(cold.log_prob(x).numpy(), expected.numpy(), rtol=1e-5, atol=1e-3)
   np.testing.assert_allclose(priors.tempered(prior, 1.0).log_prob(x).numpy(),
@@ -230,10 +231,8 @@ def test_tempered_prior_scales_the_latent_and_keeps_an_exact_density():
   np.testing.assert_allclose(float(tf.math.reduce_std(latents)), 0.5, atol=0.02)
   with pytest.raises(ValueError, match=re.escape("positive finite float. Got: 0")):
     priors.tempered(prior, 0)
-
-
-def tfd_normal_log_prob(z, scale):
-  return -0.5 * tf.square(z / scale) - np.log(scale) - 0.5 * np.log(2 * np.pi)
+  with pytest.raises(TypeError, match="must be a flow"):
+    priors.tempered(tfp.distributions.Normal(0., 1.), 0.8)
 
 
 def test_argument_checks_echo_the_bad_value():

@@ -25,9 +25,9 @@ The architecture is described by a JSON-serializable config `{'architecture': na
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
-from tensorflow_probability.python.distributions import transformed_distribution as _td
 
 from tfp_composed import data as data_lib
+from tfp_composed import posterior as posterior_lib
 from tfp_composed.priors import layers
 
 tfb = tfp.bijectors
@@ -371,8 +371,7 @@ def tempered(prior, temperature):
   samples = tempered(load('mnist'), 0.7).sample(16, seed=[1, 2])
   ```
   """
-  if not isinstance(prior, _td._TransformedDistribution):  # pylint: disable=protected-access
-    raise TypeError(f"`prior` must be a tfd.TransformedDistribution. Got: {type(prior)}.")
+  posterior_lib.validate_prior(prior)
   if (isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating))
       or not np.isfinite(temperature) or temperature <= 0):
     raise ValueError(f"`temperature` must be a positive finite float. Got: {temperature!r}.")
