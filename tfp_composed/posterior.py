@@ -212,6 +212,32 @@ class ComposedPosterior(tfd.TransformedDistribution):
     """The latent target `log p_base(z) + log p(y | f(z))` (a `tfc.targets.LatentTarget`)."""
     return self._target
 
+  @property
+  def latent_posterior(self):
+    """`q(z)`: the distribution of `z = g(eps)`, `eps ~ q_base`, over the prior's latent.
+
+    A `tfd.TransformedDistribution` sharing this posterior's variables; its bijector
+    (`latent_bijector`) maps the flat base space to the latent event shape.
+    """
+    return tfd.TransformedDistribution(self.distribution, self.latent_bijector)
+
+  @property
+  def latent_bijector(self):
+    """`g` on flat base vectors `[latent_size]`, into the latent event shape."""
+    bijectors = [self._pregenerator]
+    if self._latent_shape.rank != 1:
+      bijectors.append(tfb.Reshape(event_shape_out=self._latent_shape,
+                                   event_shape_in=[self._latent_size]))
+    return tfb.Chain(bijectors)
+
+  def latent_sample_and_log_prob(self, sample_shape=(), seed=None):
+    """Draws `z ~ q(z)` with `log q(z)` from `g`'s forward pass (no inversion of `g` or `f`).
+
+    `log w = target.log_prob(z) - log q(z)` are the importance log-weights of `p(x | y)` vs
+    `q(x)` (the Jacobian of `f` cancels), used by SIR and the diagnostics.
+    """
+    return self.latent_posterior.experimental_sample_and_log_prob(sample_shape, seed=seed)
+
   # ---------------------------------------------------------------- the paper's objective
 
   def latent_target_log_prob(self, z, likelihood_weight=1.):
