@@ -26,7 +26,8 @@ class _Interrupt(tf_keras.callbacks.Callback):
     self.at = at
 
   def on_train_batch_end(self, batch, logs=None):
-    if batch == self.at:
+    # `batch` counts within the epoch; `iterations` counts the steps reported so far.
+    if int(self.model.optimizer.iterations) == self.at + 1:
       raise KeyboardInterrupt
 
 
@@ -95,7 +96,7 @@ def test_callbacks_history_and_early_stop():
 
     def on_train_batch_end(self, batch, logs=None):
       seen.append(logs)
-      if batch >= 25:
+      if int(self.model.optimizer.iterations) > 25:
         self.model.stop_training = True
 
   history = _posterior().fit(num_steps=200, seed=0, verbose=0, steps_per_execution=10,
