@@ -203,12 +203,15 @@ class _Runner:
     self.strategy = strategy
     self.log_names = None
     replicas = strategy.num_replicas_in_sync
-    self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    # Host-side counters for callbacks: plain variables, outside the strategy.
     self.reported = tf.Variable(0, dtype=tf.int64, trainable=False, name="reported_steps")
-    self.peak_learning_rate = tf.Variable(1e-3, dtype=tf.float32, trainable=False,
-                                          name="peak_learning_rate")
-    self.optimizer = tf_keras.optimizers.Adam(1e-3)
-    self.optimizer.build(list(variables))
+    self.idle_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="idle_counter")
+    with strategy.scope():
+      self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+      self.peak_learning_rate = tf.Variable(1e-3, dtype=tf.float32, trainable=False,
+                                            name="peak_learning_rate")
+      self.optimizer = tf_keras.optimizers.Adam(1e-3)
+      self.optimizer.build(list(variables))
     dtype = variables[0].dtype.base_dtype
     # The compiled function must not keep the loss object alive (the cache is keyed by it).
     loss_ref = _reference(loss_fn)
@@ -367,8 +370,7 @@ class _FitModel(tf.Module):
     self._trained = list(runner.variables)
     self._extras = dict(checkpoint_objects)
     self._train_counter = runner.reported
-    self._test_counter = tf.Variable(0, dtype=tf.int64, trainable=False)
-    self._predict_counter = tf.Variable(0, dtype=tf.int64, trainable=False)
+    self._test_counter = self._predict_counter = runner.idle_counter  # fit never evaluates.
     self.optimizer = _OptimizerView(runner)
     self.distribute_strategy = strategy
     self._distribution_strategy = (
@@ -586,11 +588,11 @@ def fit(loss, variables, num_steps=2000, learning_rate=1e-3, seed=0, callbacks=N
   for name, path in (("checkpoint_dir", checkpoint_dir), ("log_dir", log_dir)):
     if path is not None:
       _check_directory(os.fspath(path), name, create=_is_chief(strategy))
+  runner = _runner(loss, variables, strategy, jit_compile)
   with strategy.scope():
     return _fit_in_scope(
-        loss, variables, strategy, num_steps, learning_rate, seed, list(callbacks),
-        jit_compile, checkpoint_dir, verbose, steps_per_execution, steps_per_epoch,
-        checkpoint_every, max_bad_steps, clip_norm, dict(checkpoint_objects or {}),
+        runner, strategy, num_steps, learning_rate, seed, list(callbacks), checkpoint_dir,
+        verbose, steps_per_execution, steps_per_epoch, checkpoint_every, max_bad_steps, clip_norm, dict(checkpoint_objects or {}),
         on_fresh_start, on_resume, log_dir, summary_fn, summary_every, convergence)
 
 
@@ -622,12 +624,11 @@ def _restore(checkpoint, path, directory, runner, extras):
         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _fit_in_scope(loss_fn, variables, strategy, num_steps, learning_rate, seed, callbacks,
-                  jit_compile, checkpoint_dir, verbose, steps_per_execution, steps_per_epoch,
+def _fit_in_scope(runner, strategy, num_steps, learning_rate, seed, callbacks,
+                  checkpoint_dir, verbose, steps_per_execution, steps_per_epoch,
                   checkpoint_every, max_bad_steps, clip_norm, checkpoint_objects,
                   on_fresh_start, on_resume, log_dir, summary_fn, summary_every, convergence):
   """The loop of `fit`, under `strategy.scope()`; arguments already validated."""
-  runner = _runner(loss_fn, variables, strategy, jit_compile)
   runner.reset(learning_rate)
   model = _FitModel(runner, strategy, checkpoint_objects)
   chief = _is_chief(strategy)
