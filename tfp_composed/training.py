@@ -663,6 +663,7 @@ def _fit_in_scope(runner, strategy, num_steps, learning_rate, seed, callbacks,
   before = int(runner.step.numpy())
   callback_list.on_train_begin()  # BackupAndRestore restores here.
   start = int(runner.step.numpy())
+  runner.reported.assign(start)
   if restored or start != before:
     if on_resume is not None:
       on_resume()
