@@ -260,33 +260,61 @@ class _DenseNet(tf.Module):
   """MLP `[..., input_units] -> [..., output_units]` whose output layer starts at zero.
 
   Hidden layers are Glorot-uniform with seeds `seed, seed + 1, ...`; all variables are
-  created now, in `dtype`. Any number of leading batch dimensions.
+  created now, in `dtype`. Any number of leading batch dimensions. With `masks` (one 0/1
+  array per kernel) each kernel is multiplied by its mask wherever it is used (MADE).
   """
 
   def __init__(self, input_units, hidden_units, output_units, activation="elu", seed=0,
-               dtype=tf.float32, name=None):
+               dtype=tf.float32, masks=None, name=None):
     super().__init__(name=name)
     self._activation = tf_keras.activations.get(activation)
     self._output_units = int(output_units)
-    sizes = [int(input_units)] + [int(h) for h in hidden_units]
+    sizes = [int(input_units)] + [int(h) for h in hidden_units] + [int(output_units)]
     with self.name_scope:
       self.kernels = [tf.Variable(_glorot(seed + j, [a, b], dtype), name=f"kernel_{j}")
-                      for j, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
+                      for j, (a, b) in enumerate(zip(sizes[:-2], sizes[1:-1]))]
       self.biases = [tf.Variable(tf.zeros([b], dtype), name=f"bias_{j}")
-                     for j, b in enumerate(sizes[1:])]
-      self.out_kernel = tf.Variable(tf.zeros([sizes[-1], output_units], dtype),
-                                    name="out_kernel")
+                     for j, b in enumerate(sizes[1:-1])]
+      self.out_kernel = tf.Variable(tf.zeros(sizes[-2:], dtype), name="out_kernel")
       self.out_bias = tf.Variable(tf.zeros([output_units], dtype), name="out_bias")
+    if masks is None:
+      self._masks = None
+    else:
+      shapes = [list(m.shape) for m in masks]
+      if shapes != [[a, b] for a, b in zip(sizes[:-1], sizes[1:])]:
+        expected = [[a, b] for a, b in zip(sizes[:-1], sizes[1:])]
+        raise ValueError(f"`masks` must have the kernels' shapes {expected}. Got: {shapes}.")
+      self._masks = [tf.constant(m, dtype) for m in masks]
+
+  def _kernels(self):
+    kernels = self.kernels + [self.out_kernel]
+    if self._masks is None:
+      return kernels
+    return [k * m for k, m in zip(kernels, self._masks)]
 
   def __call__(self, x):
     matrix = x.shape.rank == 2
     h = x if matrix else tf.reshape(x, [-1, x.shape[-1]])
-    for kernel, bias in zip(self.kernels, self.biases):
+    *hidden, out = self._kernels()
+    for kernel, bias in zip(hidden, self.biases):
       h = self._activation(tf.matmul(h, kernel) + bias)
-    h = tf.matmul(h, self.out_kernel) + self.out_bias
+    h = tf.matmul(h, out) + self.out_bias
     if matrix:
       return h
     return tf.reshape(h, tf.concat([tf.shape(x)[:-1], [self._output_units]], 0))
+
+
+def _made_masks(size, hidden_units, num_params):
+  """MADE masks for the left-to-right order: output `i` (of each of `num_params` blocks of
+  `size`) depends on inputs `< i` only (Germain et al., 2015)."""
+  degrees = [np.arange(1, size + 1)]
+  for h in hidden_units:
+    degrees.append(np.arange(h) % max(1, size - 1) + 1)
+  masks = [(d_out[None, :] >= d_in[:, None]).astype(np.float64)
+           for d_in, d_out in zip(degrees[:-1], degrees[1:])]
+  out_degrees = np.tile(np.arange(1, size + 1), num_params)
+  masks.append((out_degrees[None, :] > degrees[-1][:, None]).astype(np.float64))
+  return masks
 
 
 class _ConvNet(tf.Module):
@@ -314,26 +342,6 @@ class _ConvNet(tf.Module):
     if images:
       return h
     return tf.reshape(h, tf.concat([tf.shape(x)[:-1], tf.shape(h)[-1:]], 0))
-
-
-class _ZeroOutputMADE(tf.Module):
-  """`tfb.AutoregressiveNetwork` whose output layer starts at zero (identity flow)."""
-
-  def __init__(self, size, hidden_units, activation, dtype, seed, name=None):
-    super().__init__(name=name)
-    self.made = tfb.AutoregressiveNetwork(
-        params=2, event_shape=[size], hidden_units=list(hidden_units), activation=activation,
-        kernel_initializer=tf_keras.initializers.GlorotUniform(seed), dtype=dtype)
-    self.made(tf.zeros([1, size], dtype))  # Variables are created lazily.
-    for v in self.made._network.layers[-1].trainable_variables:  # pylint: disable=protected-access
-      v.assign(tf.zeros_like(v))  # The output layer's kernel and bias.
-
-  def __call__(self, x):
-    shape = tf.shape(x)
-    params = self.made(tf.reshape(x, [-1, x.shape[-1]]))
-    params = tf.reshape(params, tf.concat([shape, [2]], 0))
-    shift, raw = tf.unstack(params, axis=-1)
-    return shift, _bounded_log_scale(raw)
 
 
 # ------------------------------------------------------------------------------ couplings
@@ -473,7 +481,7 @@ class CheckerboardCoupling(_Coupling):
 
 
 class _MaskedAutoregressiveAffine(_OnePassBijector):
-  """MAF layer `y_i = x_i exp(s_i(y_<i)) + t_i(y_<i)` with a zero-output MADE.
+  """MAF layer `y_i = x_i exp(s_i(y_<i)) + t_i(y_<i)`, `s, t` from one masked MLP (MADE).
 
   `log|det dy/dx| = sum(s(y))`; inverse `x = (y - t(y)) exp(-s(y))`, one MADE evaluation.
   The forward pass takes `D` sequential evaluations; the last one already sees the final
@@ -485,13 +493,18 @@ class _MaskedAutoregressiveAffine(_OnePassBijector):
     parameters = dict(locals())
     with tf.name_scope(name) as name:
       self._size = int(size)
-      self.net = _ZeroOutputMADE(size, hidden_units, activation, dtype, seed, name="made")
+      self.net = _DenseNet(size, hidden_units, 2 * size, activation=activation, seed=seed,
+                           dtype=dtype, masks=_made_masks(size, hidden_units, 2), name="made")
       super().__init__(forward_min_event_ndims=1, dtype=dtype, validate_args=validate_args,
                        parameters=parameters, name=name)
 
+  def _shift_and_log_scale(self, y):
+    shift, raw = tf.split(self.net(y), 2, axis=-1)
+    return shift, _bounded_log_scale(raw)
+
   def _forward_and_log_det(self, x):
     def body(y, unused_log_scale):  # After step k, y_1..y_k are final.
-      shift, log_scale = self.net(y)
+      shift, log_scale = self._shift_and_log_scale(y)
       return x * tf.exp(log_scale) + shift, log_scale
 
     y, log_scale = tf.while_loop(lambda *_: True, body, (tf.zeros_like(x), tf.zeros_like(x)),
@@ -499,7 +512,7 @@ class _MaskedAutoregressiveAffine(_OnePassBijector):
     return y, tf.reduce_sum(log_scale, axis=-1)
 
   def _inverse_and_log_det(self, y):
-    shift, log_scale = self.net(y)
+    shift, log_scale = self._shift_and_log_scale(y)
     return (y - shift) * tf.exp(-log_scale), -tf.reduce_sum(log_scale, axis=-1)
 
 
