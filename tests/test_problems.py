@@ -216,8 +216,9 @@ def test_kl_of_an_inflated_gaussian():
 
 
 def test_linear_gaussian_64_closed_form():
-  """Scales span decades; the Joseph-form posterior equals the precision form to 1e-8
-  relative; the posterior has full covariance."""
+  """Scales span decades; the Joseph-form posterior equals the precision form (1e-6 in
+  correlations and in standardized means: the precision form loses ~1e-9 inverting a
+  prior covariance of condition ~1e6); the posterior has full covariance."""
   p = _small("linear_gaussian_64")
   prior_sd = np.sqrt(np.diag(p.prior_scale_tril @ p.prior_scale_tril.T))
   assert prior_sd.min() < 0.011 and prior_sd.max() > 9.9
@@ -230,8 +231,7 @@ def test_linear_gaussian_64_closed_form():
   sd = np.sqrt(np.diag(cov))
   np.testing.assert_allclose(p.covariance / np.outer(sd, sd), cov / np.outer(sd, sd),
                              atol=1e-6)
-  # The float32 observation is what both see; 1e-4 sd allows for its rounding.
-  np.testing.assert_array_less(np.abs(p.mean - mean) / sd, 1e-4)
+  np.testing.assert_array_less(np.abs(p.mean - mean) / sd, 1e-6)
   corr = p.covariance / np.outer(sd, sd)
   assert np.abs(corr - np.eye(64)).max() > 0.3
 

@@ -203,6 +203,11 @@ def _rng(seed, name="seed"):
   return np.random.default_rng(list(seed) if isinstance(seed, (tuple, list)) else int(seed))
 
 
+def _float32_exact(value):
+  """`value` rounded to float32, held in float64: the numbers the TensorFlow side sees."""
+  return np.asarray(value, np.float64).astype(np.float32).astype(np.float64)
+
+
 def _logsumexp(a, axis=None):
   m = np.max(a, axis=axis, keepdims=True)
   out = m + np.log(np.sum(np.exp(a - m), axis=axis, keepdims=True))
@@ -539,18 +544,19 @@ class BlockProblem(Problem):
     self.grid_size = _positive_int(grid_size, "grid_size")
     if self.grid_size < 64:
       raise ValueError(f"`grid_size` must be at least 64, got {grid_size!r}.")
-    self._params = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    # The exact side uses the float32-rounded numbers that the prior and likelihood see.
+    self._params = {k: _float32_exact(v) for k, v in params.items()}
     self.num_blocks = self._params["loc"].shape[0]
     self.dim = 2 * self.num_blocks
     b = self.num_blocks
     self._observe = observe
-    self._y = np.asarray(observation, np.float64)
+    self._y = _float32_exact(observation)
     if self._y.shape != (b,):
       raise ValueError(f"`observation` must have shape [{b}], got {list(self._y.shape)}.")
     if noise[0] not in ("gaussian", "student_t"):
       raise ValueError(f"`noise` must be ('gaussian', scale) or ('student_t', df, scale), "
                        f"got {noise!r}.")
-    self._noise = (noise[0],) + tuple(np.broadcast_to(np.asarray(v, np.float64), [b])
+    self._noise = (noise[0],) + tuple(np.broadcast_to(_float32_exact(v), [b])
                                       for v in noise[1:])
     self._mode_fn = mode_fn
     self.num_modes = None if mode_fn is None else _positive_int(num_modes, "num_modes")
@@ -702,12 +708,13 @@ class GaussianProblem(Problem):
                x_true=None):
     self.name = name
     self.x_true = None if x_true is None else np.asarray(x_true, np.float64)
-    self.prior_mean = np.asarray(prior_mean, np.float64)
-    self.prior_scale_tril = np.asarray(prior_scale_tril, np.float64)
-    self.matrix = np.asarray(matrix, np.float64)
-    self.noise = float(noise)
+    # The exact side uses the float32-rounded numbers that the prior and likelihood see.
+    self.prior_mean = _float32_exact(prior_mean)
+    self.prior_scale_tril = _float32_exact(prior_scale_tril)
+    self.matrix = _float32_exact(matrix)
+    self.noise = float(_float32_exact(noise))
     self.dim = self.prior_mean.shape[0]
-    y = np.asarray(observation, np.float64)
+    y = _float32_exact(observation)
     self.prior = tfd.TransformedDistribution(
         _standard_base(self.dim),
         tfb.Chain([tfb.Shift(tf.constant(self.prior_mean, tf.float32)),
