@@ -592,7 +592,8 @@ def fit(loss, variables, num_steps=2000, learning_rate=1e-3, seed=0, callbacks=N
   with strategy.scope():
     return _fit_in_scope(
         runner, strategy, num_steps, learning_rate, seed, list(callbacks), checkpoint_dir,
-        verbose, steps_per_execution, steps_per_epoch, checkpoint_every, max_bad_steps, clip_norm, dict(checkpoint_objects or {}),
+        verbose, steps_per_execution, steps_per_epoch, checkpoint_every, max_bad_steps,
+        clip_norm, dict(checkpoint_objects or {}),
         on_fresh_start, on_resume, log_dir, summary_fn, summary_every, convergence)
 
 
