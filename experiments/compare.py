@@ -58,6 +58,8 @@ _METHOD_OPTIONS = flags.DEFINE_string(
 _NUM_SHOWN = flags.DEFINE_integer("num_shown", 4, "Samples shown per method in a sample grid.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (tfc.data.load).")
 
+# Methods defined for mask (inpainting) operators only; not run on the other tasks.
+MASK_ONLY_METHODS = ("pl_mcmc",)
 RUNS_FILE = "runs.jsonl"
 COMMANDS_FILE = "commands.txt"
 # Columns of the tables: (key in a runs.jsonl line, header, decimals).
@@ -225,6 +227,8 @@ def run_all(prior_name, task_names, methods, num_images, budgets, output_dir, se
       truth = truths[image]
       observation = task.observe(truth, seed=[seed, image])
       for method in methods:
+        if method in MASK_ONLY_METHODS and not isinstance(task.operator, tfc.operators.Mask):
+          continue
         for budget in budgets:
           record = {"prior": prior_name, "task": task_name, "image": image,
                     "label": int(labels[image]), "method": method, "budget_seconds": budget,
@@ -407,7 +411,9 @@ def write_report(output_dir, results_md):
       "Gaussian noise, about 1 when consistent (the truth's value is given per task); "
       "`std (unobs.)`: mean per-pixel posterior std over the unobserved pixels; `diversity`: mean "
       "pairwise L2 distance of samples; `seconds`: wall time including tracing; `non-finite`: "
-      "samples with NaN/Inf, left out of every metric.", ""]
+      "samples with NaN/Inf, left out of every metric. "
+      f"{', '.join(f'`{m}`' for m in MASK_ONLY_METHODS)}: run on the inpainting (mask) tasks "
+      "only.", ""]
   for prior in _order([r["prior"] for r in records], ["mnist", "digits8x8"]):
     prior_records = [r for r in records if r["prior"] == prior]
     task_names = _order([r["task"] for r in prior_records], task_order)
