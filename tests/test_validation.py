@@ -264,9 +264,12 @@ def test_fit_arguments(posterior, kwargs, error, match):
   assert not bool(posterior.initialized.numpy())  # Raised before the Laplace start.
 
 
-def test_fit_not_a_posterior():
-  with pytest.raises(TypeError, match=r"`posterior` must be a ComposedPosterior, got Normal"):
-    training.fit(tfd.Normal(0., 1.), num_steps=2)
+def test_training_fit_arguments():
+  v = tf.Variable(1.)
+  with pytest.raises(TypeError, match=r"`loss` must be callable as loss\(seed, step, shard\)"):
+    training.fit(tfd.Normal(0., 1.), [v], num_steps=2)
+  with pytest.raises(ValueError, match=r"`variables` must hold at least one tf.Variable"):
+    training.fit(lambda seed, step, shard: (v**2, {}), [], num_steps=2)
 
 
 @pytest.mark.parametrize("kwargs, error, name", [

@@ -11,8 +11,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("operators", "likelihoods", "pregenerators", "posterior", "training",
-                    "baselines", "export", "data", "priors", "metrics", "tasks")
+_LAZY_SUBMODULES = ("operators", "likelihoods", "targets", "pregenerators", "initialization",
+                    "posterior", "training", "diagnostics", "baselines", "export", "data",
+                    "priors", "problems", "metrics", "tasks", "checks")
 
 
 def __getattr__(name):

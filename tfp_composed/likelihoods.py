@@ -54,6 +54,21 @@ def _format_value(arr):
   return np.array2string(arr, threshold=8, separator=", ")
 
 
+def _shape_matches(shape, event_shape, allow_batch):
+  """Whether `shape` is `event_shape` (or `batch + event_shape` with `allow_batch`)."""
+  if shape.rank is None:
+    return True
+  rank = event_shape.rank
+  if allow_batch and shape.rank >= rank:
+    shape = shape[shape.rank - rank:]
+  return shape.rank == rank and shape.is_compatible_with(event_shape)
+
+
+def _expected(event_shape, allow_batch):
+  return (f"batch + {_format_shape(event_shape)}" if allow_batch
+          else _format_shape(event_shape))
+
+
 def _positive_constant(value, name, dtype):
   """Checks that `value` is positive and finite, returns it as a `tf.constant`."""
   if isinstance(value, tf.Variable) or (tf.is_tensor(value) and not hasattr(value, "numpy")):
@@ -227,10 +242,11 @@ class Likelihood(tf.Module):
     """Simulates an observation `y ~ p(y | x)`, shape `batch_shape + event_shape`."""
     return self.distribution(x).sample(seed=seed)
 
-  def check_observation(self, y, name="observation"):
+  def check_observation(self, y, name="observation", allow_batch=False):
     """Converts an observation to a tensor of `dtype`, checking it eagerly.
 
-    The shape must equal `event_shape` exactly and every entry must be finite.
+    The shape must equal `event_shape` exactly (with `allow_batch`, `batch + event_shape`
+    for any leading batch dimensions) and every entry must be finite.
     Values are checked with NumPy on concrete inputs; a symbolic tensor (inside a
     `tf.function`) gets the static dtype and shape checks only.
 
@@ -252,9 +268,9 @@ class Likelihood(tf.Module):
       if not (y.dtype.is_floating or y.dtype.is_integer):
         raise TypeError(f"`{name}` must be a real floating-point array, got dtype "
                         f"{y.dtype.name}.")
-      if not y.shape.is_compatible_with(event_shape):
-        raise ValueError(f"`{name}` must have shape {_format_shape(event_shape)}, {what}, "
-                         f"got {_format_shape(y.shape)}.")
+      if not _shape_matches(y.shape, event_shape, allow_batch):
+        raise ValueError(f"`{name}` must have shape {_expected(event_shape, allow_batch)}, "
+                         f"{what}, got {_format_shape(y.shape)}.")
       return tf.cast(y, self._dtype)
     if tf.is_tensor(y) or isinstance(y, tf.Variable):
       if not (y.dtype.is_floating or y.dtype.is_integer):
@@ -271,9 +287,9 @@ class Likelihood(tf.Module):
                                    np.issubdtype(arr.dtype, np.floating)):
         raise TypeError(f"`{name}` must be a real floating-point array, got dtype "
                         f"{arr.dtype}.")
-    if tuple(arr.shape) != tuple(event_shape.as_list()):
-      raise ValueError(f"`{name}` must have shape {_format_shape(event_shape)}, {what}, "
-                       f"got {list(arr.shape)}.")
+    if not _shape_matches(tf.TensorShape(arr.shape), event_shape, allow_batch):
+      raise ValueError(f"`{name}` must have shape {_expected(event_shape, allow_batch)}, "
+                       f"{what}, got {list(arr.shape)}.")
     num_bad = int(np.sum(~np.isfinite(arr)))
     if num_bad:
       raise ValueError(

@@ -24,10 +24,12 @@ so fitting `g` needs forward passes of `f` only: never `f^{-1}` nor `f`'s log-de
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
-from tensorflow_probability.python.distributions import transformed_distribution as _td
 
-from tfp_composed import likelihoods as likelihoods_lib
+from tfp_composed import checks
+from tfp_composed import initialization
 from tfp_composed import pregenerators as pregenerators_lib
+from tfp_composed import targets as targets_lib
+from tfp_composed.targets import validate_prior
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
@@ -37,29 +39,6 @@ __all__ = ["ComposedPosterior", "condition", "validate_prior"]
 # Base-mixture components are full-covariance Gaussians up to this latent dimension and
 # diagonal (in the affine stage's whitened coordinates) above it.
 _FULL_COMPONENT_MAX_DIM = 64
-
-
-def validate_prior(prior):
-  """Checks that `prior` is a flow `TransformedDistribution` with a fixed event shape."""
-  if not isinstance(prior, _td._TransformedDistribution):  # pylint: disable=protected-access
-    raise TypeError(
-        "`prior` must be a flow: a tfd.TransformedDistribution(base, bijector), got "
-        f"{type(prior).__name__}.")
-  if not prior.dtype.is_floating:
-    raise TypeError(f"`prior` must have a floating dtype, got {prior.dtype.name}.")
-  if not prior.event_shape.is_fully_defined() or prior.event_shape.rank == 0:
-    raise ValueError(
-        "`prior` must have a fully defined event shape of rank >= 1, got "
-        f"{prior.event_shape}. Wrap a scalar base in tfd.Sample(base, [d]).")
-  if prior.batch_shape.rank != 0:
-    raise ValueError(
-        f"`prior` must have batch shape [], got {prior.batch_shape}. Use tfd.Independent or "
-        "tfd.Sample so that all dimensions are event dimensions.")
-  base_shape = prior.distribution.event_shape
-  if not base_shape.is_fully_defined() or base_shape.rank == 0:
-    raise ValueError(
-        f"`prior`'s base distribution must have a fully defined event shape, got {base_shape}.")
-  return prior
 
 
 def _num_elements(shape):
@@ -95,30 +74,24 @@ class ComposedPosterior(tfd.TransformedDistribution):
                validate_args=False, name="ComposedPosterior", _state=None):
     parameters = dict(locals())
     validate_prior(prior)
-    if not isinstance(likelihood, likelihoods_lib.Likelihood):
-      raise TypeError(
-          "`likelihood` must be a tfp_composed.likelihoods.Likelihood (e.g. "
-          f"tfc.likelihoods.Gaussian(operator, scale)), got {type(likelihood).__name__}.")
-    if (not isinstance(num_components, (int, np.integer)) or isinstance(num_components, bool)
-        or num_components < 1):
-      raise ValueError(f"`num_components` must be a positive integer, got {num_components!r}.")
+    num_components = checks.positive_integer(num_components, "num_components")
     with tf.name_scope(name) as name:
       dtype = prior.dtype
-      likelihood.build(prior.event_shape)
+      if hasattr(likelihood, "check_observation"):
+        likelihood.build(prior.event_shape)
+        # One observation: its shape is exactly the likelihood's event shape.
+        observation = likelihood.check_observation(observation, name="observation")
+      self._target = targets_lib.LatentTarget(prior, likelihood, observation)
       self._prior = prior
       self._likelihood = likelihood
-      self._observation = likelihood.check_observation(observation, name="observation")
-      if self._observation.dtype != dtype:
-        raise TypeError(
-            f"`observation` has dtype {self._observation.dtype.name} but `prior` has dtype "
-            f"{dtype.name}; they must match.")
+      self._observation = self._target.observation
       self._latent_shape = prior.distribution.event_shape
       self._latent_size = _num_elements(self._latent_shape)
       if pregenerator is None:
         pregenerator = _default_pregenerator(self._latent_shape, dtype)
       self._check_pregenerator(pregenerator)
       self._pregenerator = pregenerator
-      self._num_components = int(num_components)
+      self._num_components = num_components
       size = self._latent_size
       k = self._num_components
       if _state is None:  # Rebuilt copies (`copy()`, slicing) share the variables instead.
@@ -234,20 +207,17 @@ class ComposedPosterior(tfd.TransformedDistribution):
       variables += list(self._component_scales.trainable_variables)
     return tuple(variables)
 
+  @property
+  def target(self):
+    """The latent target `log p_base(z) + log p(y | f(z))` (a `tfc.targets.LatentTarget`)."""
+    return self._target
+
   # ---------------------------------------------------------------- the paper's objective
 
   def latent_target_log_prob(self, z, likelihood_weight=1.):
-    """Unnormalized latent posterior `log p_base(z) + w log p(y | f(z))`.
+    """Unnormalized latent posterior `log p_base(z) + w log p(y | f(z))`; see `target`.
 
-    The one function shared by composed VI, the MCMC baselines and the diagnostics.
-
-    Where the prior's forward pass `f(z)` is not finite (a trained flow can overflow far from
-    the latents it was trained on), `log p(y | f(z))` is replaced by the lowest finite value in
-    the batch (a constant; `-inf` if there is none) instead of a NaN, and the gradient rows of
-    such latents that come back through `f` (NaN: `0 * inf` in `f`'s backward pass) are zeroed
-    where they enter `f`, so they cannot poison the rest of the batch; `log p_base(z)` keeps its
-    gradient, which pulls such latents back. `f` has no trainable variables here and its
-    samples do not interact, so every other row's gradient is exact.
+    `-inf` where the prior's forward pass `f(z)` is not finite, row by row.
 
     Args:
       z: latents, shape `batch + latent_event_shape`.
@@ -256,62 +226,59 @@ class ComposedPosterior(tfd.TransformedDistribution):
     Returns:
       Tensor of shape `batch`.
     """
-    z = tf.convert_to_tensor(z, self.dtype)
-    x = self._prior.bijector.forward(_finite_gradient_rows(z, self._latent_shape.rank))
-    log_likelihood = self._likelihood.log_prob(self._observation, x)
-    # Only the prior's overflow is imputed; a likelihood that is NaN at a finite `x` stays NaN
-    # (fit skips such steps).
-    ok = tf.reduce_all(tf.math.is_finite(x), axis=tf.range(-self._prior.event_shape.rank, 0))
-    # Pessimistic imputation: the batch's lowest finite log-likelihood (a constant), so the
-    # prior term's gradient still pulls such latents back (-inf if none is finite).
-    worst = tf.stop_gradient(tf.reduce_min(tf.where(
-        ok & tf.math.is_finite(log_likelihood), log_likelihood,
-        tf.constant(np.inf, log_likelihood.dtype))))
-    worst = tf.where(tf.math.is_finite(worst), worst, tf.constant(-np.inf, worst.dtype))
-    log_likelihood = tf.where(ok, log_likelihood, worst)
-    return (self._prior.distribution.log_prob(z)
-            + likelihood_weight * log_likelihood)
+    return self._target.log_prob(z, likelihood_weight)
 
-  def _flat_target(self, z_flat):
-    z = tf.reshape(z_flat, tf.concat([tf.shape(z_flat)[:-1], self._latent_shape], 0))
-    return self.latent_target_log_prob(z)
+  def mixture_log_weights(self):
+    """Log weights `[K]` of the base mixture's components (`[0.]` for a normal base)."""
+    if self._num_components == 1:
+      return tf.zeros([1], self.dtype)
+    return tf.math.log_softmax(self._mixture_logits)
 
-  def _components(self):
-    """Mixture log-weights `[K]` and the component distribution (batch `[K]`)."""
+  def _component_distribution(self):
+    """The base's components as one distribution with batch shape `[K]`."""
     if self._num_components == 1:
       size = self._latent_size
-      return (tf.zeros([1], self.dtype),
-              tfd.MultivariateNormalDiag(loc=tf.zeros([1, size], self.dtype),
-                                         scale_diag=tf.ones([1, size], self.dtype)))
-    return (tf.math.log_softmax(self._mixture_logits),
-            self.distribution.components_distribution)
+      return tfd.MultivariateNormalDiag(loc=tf.zeros([1, size], self.dtype),
+                                        scale_diag=tf.ones([1, size], self.dtype))
+    return self.distribution.components_distribution
 
   def negative_elbo_terms(self, samples_per_component, seed, likelihood_weight=1.,
                           shard=None):
     """Per-sample terms `log q_g(z) - log p_base(z) - w log p(y | f(z))`, shape `[n, K]`.
 
-    Component `k` contributes `n` reparameterized draws `eps ~ q_k`. With `shard=(i, m)`,
-    all `n` draws are made with `seed` and only the `i`-th of `m` equal slices is evaluated,
-    so the shards of `m` replicas together compute exactly the unsharded terms.
+    Component `k` contributes `n` reparameterized draws `eps ~ q_k`, `z = g(eps)`, with
+    `log q_g(z) = log q_base(eps) - log|det dg/deps|` from `g`'s forward pass. With
+    `shard=(i, m)`, all `n` draws are made with `seed` and only the `i`-th of `m` equal slices
+    is evaluated, so the shards of `m` replicas together compute exactly the unsharded terms.
+
+    Where the prior's forward pass overflows (the latent target is `-inf` there), the
+    log-likelihood of that draw is replaced by the lowest finite one among the evaluated
+    draws (a constant; pessimistic), so the term stays finite and the prior term's gradient
+    pulls such draws back. A likelihood that is NaN at a finite `x` leaves the term NaN (and
+    `fit` skips the step).
     """
-    _, components = self._components()
-    eps = components.sample(samples_per_component, seed=seed)  # [n, K, D]
+    eps = self._component_distribution().sample(samples_per_component, seed=seed)  # [n, K, D]
     if shard is not None:
       index, count = shard
       per = samples_per_component // count
       eps = eps[index * per:(index + 1) * per]
     n = tf.shape(eps)[0]
     log_base = self.distribution.log_prob(eps)  # [n, K]
-    flat = tf.reshape(eps, [-1, self._latent_size])
-    eps_latent = tf.reshape(flat, tf.concat([[-1], self._latent_shape], 0))
+    eps_latent = tf.reshape(eps, tf.concat([[-1], self._latent_shape], 0))
     z = self._pregenerator.forward(eps_latent)
     fldj = self._pregenerator.forward_log_det_jacobian(
         eps_latent, event_ndims=self._latent_shape.rank)
-    target = self.latent_target_log_prob(z, likelihood_weight)
-    terms = tf.reshape(-fldj - target, [n, self._num_components])
-    return log_base + terms
+    log_prior, log_likelihood, _ = self._target.log_prob_parts(z)
+    overflow = tf.equal(log_likelihood, tf.constant(-np.inf, log_likelihood.dtype))
+    worst = tf.stop_gradient(tf.reduce_min(tf.where(
+        tf.math.is_finite(log_likelihood), log_likelihood,
+        tf.constant(np.inf, log_likelihood.dtype))))
+    log_likelihood = tf.where(overflow, worst, log_likelihood)
+    weight = tf.cast(likelihood_weight, log_likelihood.dtype)
+    terms = -fldj - log_prior - weight * log_likelihood
+    return log_base + tf.reshape(terms, [n, self._num_components])
 
-  def loss(self, batch_size=64, seed=None, likelihood_weight=1.):
+  def loss(self, batch_size=64, seed=None, likelihood_weight=1., shard=None):
     """The latent-space negative ELBO: `KL(q || p(. | y)) - log p(y)`, in nats.
 
     `E_{eps ~ q_base}[log q_base(eps) - log|det dg/deps| - log p_base(z) - log p(y | f(z))]`
@@ -319,116 +286,63 @@ class ComposedPosterior(tfd.TransformedDistribution):
     components, `sum_k w_k E_{eps ~ q_k}[...]`, which makes the gradient with respect to the
     mixture weights exact and keeps every component's reparameterization gradient.
 
-    Draws whose terms are not finite (a trained flow `f` can overflow far from the latents it
-    was trained on, long before `p_base` is negligible) are left out of the average: the
-    estimate is the negative ELBO of `q` restricted to where `f` is numerically defined. If
-    every draw of a component is non-finite the loss is NaN and `fit` skips the step.
+    This is the one definition of the objective: `fit` minimizes it.
 
     Args:
-      batch_size: total number of samples (split evenly over the components).
+      batch_size: total number of samples (split evenly over the components, rounded up).
       seed: a stateless seed (int or shape-[2] tensor); None draws a fresh one.
       likelihood_weight: weight of the log-likelihood term (1 for the posterior).
+      shard: `(i, m)`: the contribution of the `i`-th of `m` equal slices of the draws; the
+        `m` contributions sum to the unsharded loss (`samples_per_component(batch_size, m)`
+        draws per component are made).
 
     Returns:
       Scalar loss tensor.
     """
     if seed is None:
       seed = tfp.random.sanitize_seed(None)
-    per_component = max(1, -(-int(batch_size) // self._num_components))
-    terms = self.negative_elbo_terms(per_component, seed, likelihood_weight)
-    log_weights, _ = self._components()
-    finite = tf.math.is_finite(terms)
-    count = tf.reduce_sum(tf.cast(finite, terms.dtype), axis=0)
-    return tf.reduce_sum(tf.exp(log_weights) * tf.reduce_sum(
-        tf.where(finite, terms, tf.zeros_like(terms)), axis=0) / count)
+    per_component = self.samples_per_component(batch_size, 1 if shard is None else shard[1])
+    terms = self.negative_elbo_terms(per_component, seed, likelihood_weight, shard=shard)
+    return tf.reduce_sum(
+        tf.exp(self.mixture_log_weights()) * tf.reduce_sum(terms, axis=0)) / per_component
+
+  def samples_per_component(self, batch_size, num_shards=1):
+    """Draws per mixture component for `batch_size` samples: `ceil(batch_size / K)`, rounded
+    up to a multiple of `num_shards`."""
+    per_component = -(-int(batch_size) // self._num_components)
+    return -(-per_component // num_shards) * num_shards
 
   # ---------------------------------------------------------------- initialization
 
   def initialize(self, num_starts=None, seed=0, num_steps=500):
     """Multi-start Laplace start: locates the latent posterior's modes and fits `q` to them.
 
-    1. `num_starts` points (default `max(16, 4 K)`, `2 K` above 256 latent dimensions) drawn
-       from the prior's base climb the latent target (batched Adam, `num_steps` steps, then
-       damped Newton steps for up to 16 dimensions); up to 256 dimensions the distinct maxima
-       are polished by Newton steps.
-    2. Distinct local maxima `mu_k` (greedily, best first; a point joined to a kept mode by
-       a segment that never dips 1 nat below its lower end is a duplicate) get Laplace
-       approximations `N(mu_k, H_k^{-1})` with `H_k` the negative Hessian of the latent target
-       (autodiff), shrunk where that raises their ELBO (curved modes), with weights
-       `w_k ~ Z_k`, each mode's evidence estimated by importance sampling; components under
-       1e-3 of the best weight go.
-    3. The pre-generator's affine stage takes the moment-matched Gaussian of that mixture;
-       the base components take each mode's whitened mean and scales.
-
+    `tfc.initialization.find_modes` finds up to `num_components` distinct modes with Laplace
+    approximations weighted by their evidence; the pre-generator's affine stage takes the
+    moment-matched Gaussian of that mixture and the base components take each mode's
+    whitened mean and scales (modes are repeated when there are fewer than components).
     For a unimodal posterior this is the exact posterior of a linear-Gaussian problem.
     """
     dtype = self.dtype
     size = self._latent_size
     k_max = self._num_components
-    large = size > _LARGE_DIM
-    if num_starts is None:
-      num_starts = 2 * k_max if large else max(16, 4 * k_max)
-    draws = self._prior.distribution.sample(max(256, num_starts),
-                                            seed=tfp.random.sanitize_seed(seed))
-    draws = tf.reshape(tf.cast(draws, dtype), [-1, size])
-    starts = draws[:num_starts]
-    # No latent posterior is taken to be wider than the prior's base: curvature is floored
-    # at half the base's average precision (non-convex likelihoods can make it vanish).
-    min_precision = 0.5 / float(np.mean(np.var(draws.numpy().astype(np.float64), axis=0)))
-    modes, values = _find_modes(self._flat_target, starts, num_steps)
-    modes, values = modes.numpy().astype(np.float64), values.numpy().astype(np.float64)
-    if size <= _NEWTON_MAX_DIM:  # Ridges and stiff directions: curvature-aware ascent.
-      modes, values = _newton_ascent(self._flat_target, modes, values, dtype, min_precision)
-    finite = np.isfinite(values) & np.all(np.isfinite(modes), axis=-1)
-    if not finite.any():
-      raise FloatingPointError(
-          "The latent target is not finite at any of the optimized starting points; check "
-          "the observation, the likelihood's scale and the prior.")
-    order = [i for i in np.argsort(-values) if finite[i]]
-    derivatives = _compiled_derivatives(self._flat_target)
-    selected = []  # (mode, value, precision, covariance, log evidence)
-    for i in order:
-      if len(selected) == k_max:
-        break
-      mu = modes[i]
-      if any(_same_basin(self._flat_target, mu, values[i], m, v, dtype)
-             for m, v, _, _, _ in selected):
-        continue
-      mu, value, precision, covariance, _ = _laplace(
-          self._flat_target, derivatives, mu, float(values[i]), dtype, min_precision,
-          newton_steps=0 if large else 3)
-      # A curved mode gets a narrower Gaussian; its weight is its estimated evidence.
-      covariance, log_evidence = _fit_gaussian_scale(
-          self._flat_target, mu, covariance, dtype, seed + len(selected))
-      if not np.isfinite(log_evidence):
-        continue
-      selected.append((mu, value, precision, covariance, log_evidence))
-
-    if not selected:
-      raise FloatingPointError(
-          "No mode of the latent target has a finite Laplace evidence bound; check the "
-          "observation, the likelihood's scale and the prior.")
-    best = max(entry[4] for entry in selected)
-    # Components below 1e-3 of the best weight are dropped: they would only add noise.
-    selected = [entry for entry in selected if entry[4] > best - 7.]
-    num_modes = len(selected)
+    found = initialization.find_modes(self._target, k_max, seed=seed, num_starts=num_starts,
+                                      num_steps=num_steps)
+    num_modes = found.num_modes
     assignment = [j % num_modes for j in range(k_max)]
     counts = np.bincount(assignment, minlength=num_modes)
-    log_w = np.array([selected[j][4] - np.log(counts[j]) for j in assignment])
+    log_w = np.array([found.log_weights[j] - np.log(counts[j]) for j in assignment])
     log_w -= np.logaddexp.reduce(log_w)
-    w = np.exp(log_w)
-    mus = np.stack([selected[j][0] for j in assignment])
-    covs = np.stack([selected[j][3] for j in assignment])
-    mean = np.einsum("k,kd->d", w, mus)
-    centred = mus - mean
-    second = covs + np.einsum("ki,kj->kij", centred, centred)
-    covariance = np.einsum("k,kij->ij", w, second)
-    covariance = 0.5 * (covariance + covariance.T)
+    mixture = initialization.ModeMixture(
+        locs=found.locs[assignment], covariances=found.covariances[assignment],
+        log_weights=log_w, values=found.values[assignment])
+    mean, covariance = mixture.moments()
+    mus, covs = mixture.locs, mixture.covariances
 
     stage = pregenerators_lib.find_affine_stage(self._pregenerator)
     if stage is not None:
       stage.set_gaussian(mean, covariance)
-      linear = stage._linear().to_dense().numpy()  # pylint: disable=protected-access
+      linear = stage.scale_operator().to_dense().numpy()
     else:
       linear = np.eye(size)
       mean = np.zeros([size])
@@ -452,33 +366,57 @@ class ComposedPosterior(tfd.TransformedDistribution):
   # ---------------------------------------------------------------- training
 
   def fit(self, num_steps=2000, batch_size=64, learning_rate=1e-3, seed=0, callbacks=None,
-          strategy=None, jit_compile=None, checkpoint_dir=None, verbose=1, **kwargs):
-    """Fits the pre-generator (and base mixture) by minimizing `loss`; see `training.fit`.
+          strategy=None, jit_compile=None, checkpoint_dir=None, verbose=1, init="auto",
+          anneal_steps=0, **kwargs):
+    """Fits the pre-generator (and base mixture) by minimizing `loss` with `training.fit`.
+
+    Args:
+      num_steps: total optimizer steps (a resumed run counts the restored ones).
+      batch_size: samples per step, split evenly over the base mixture's components.
+      learning_rate: peak Adam learning rate (warm-up, then cosine decay).
+      seed: int; step `t` uses the stateless seed `fold_in(seed, t)`.
+      callbacks: `tf_keras` callbacks (see `training.fit`).
+      strategy: a `tf.distribute.Strategy` under whose scope the posterior was built.
+      jit_compile: compile the step with XLA.
+      checkpoint_dir: a `tf.train.CheckpointManager` directory; resumes from it.
+      verbose: 0 silent, 1 a progress bar.
+      init: "auto" runs `initialize(seed=seed)` unless it has already run or a checkpoint is
+        restored; "laplace" always runs it; None skips it.
+      anneal_steps: the likelihood weight rises linearly from 0 to 1 over these first steps.
+      **kwargs: further options of `training.fit` (`steps_per_execution`,
+        `checkpoint_every`, `max_bad_steps`, `clip_norm`).
 
     Returns:
-      A `tf_keras.callbacks.History` whose `history` holds per-step `loss` and `grad_norm`.
+      A `tf_keras.callbacks.History` whose `history` holds per-step `loss`, `grad_norm` and
+      `likelihood_weight`.
     """
     from tfp_composed import training  # pylint: disable=g-import-not-at-top
-    return training.fit(self, num_steps=num_steps, batch_size=batch_size,
-                        learning_rate=learning_rate, seed=seed, callbacks=callbacks,
-                        strategy=strategy, jit_compile=jit_compile,
-                        checkpoint_dir=checkpoint_dir, verbose=verbose, **kwargs)
+    batch_size = checks.positive_integer(batch_size, "batch_size")
+    if init not in ("auto", "laplace", None) or isinstance(init, bool):
+      raise ValueError(f"`init` must be 'auto', 'laplace' or None, got {init!r}.")
+    anneal = float(checks.non_negative_integer(anneal_steps, "anneal_steps"))
+    dtype = self.dtype
 
+    def objective(seed, step, shard):
+      weight = (tf.minimum(1., tf.cast(step, tf.float32) / anneal) if anneal > 0
+                else tf.constant(1.))
+      weight = tf.cast(weight, dtype)
+      return self.loss(batch_size, seed, weight, shard=shard), {"likelihood_weight": weight}
 
-def _finite_gradient_rows(z, event_rank):
-  """Identity on `z` whose gradient zeroes each event (row) that is not all finite."""
+    def on_fresh_start():
+      if init == "laplace" or (init == "auto" and not bool(self._initialized.numpy())):
+        self.initialize(seed=seed)
 
-  @tf.custom_gradient
-  def identity(z):
+    def on_resume():
+      if init == "laplace":
+        self.initialize(seed=seed)
 
-    def grad(dz):
-      axes = tf.range(tf.rank(dz) - event_rank, tf.rank(dz))
-      ok = tf.reduce_all(tf.math.is_finite(dz), axis=axes, keepdims=True)
-      return tf.where(ok, dz, tf.zeros_like(dz))
-
-    return tf.identity(z), grad
-
-  return identity(z)
+    return training.fit(
+        objective, self.trainable_variables, num_steps=num_steps,
+        learning_rate=learning_rate, seed=seed, callbacks=callbacks, strategy=strategy,
+        jit_compile=jit_compile, checkpoint_dir=checkpoint_dir, verbose=verbose,
+        checkpoint_objects={"initialized": self._initialized},
+        on_fresh_start=on_fresh_start, on_resume=on_resume, **kwargs)
 
 
 def _default_pregenerator(latent_shape, dtype):
@@ -489,172 +427,6 @@ def _default_pregenerator(latent_shape, dtype):
   hidden = int(min(256, max(64, 4 * size)))
   return pregenerators_lib.real_nvp(latent_shape, num_layers=4, hidden_units=(hidden, hidden),
                                     dtype=dtype)
-
-
-def _find_modes(target, starts, num_steps, learning_rate=0.1):
-  """Batched Adam ascent of `target` from each row of `starts`: (positions, values).
-
-  Adam's per-coordinate step normalization copes with the stiff directions of
-  near-hard constraints; the learning rate decays geometrically to 1% of its initial value.
-  Each row is an independent optimization.
-  """
-
-  @tf.function
-  def ascend(z):
-    m = tf.zeros_like(z)
-    v = tf.zeros_like(z)
-    for i in tf.range(num_steps):
-      with tf.GradientTape() as tape:
-        tape.watch(z)
-        value = tf.reduce_sum(target(z))
-      g = tape.gradient(value, z)
-      g = tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
-      t = tf.cast(i + 1, z.dtype)
-      m = 0.9 * m + 0.1 * g
-      v = 0.999 * v + 0.001 * tf.square(g)
-      rate = learning_rate * tf.pow(tf.constant(0.01, z.dtype), (t - 1.) / num_steps)
-      step = rate * (m / (1. - 0.9**t)) / (tf.sqrt(v / (1. - 0.999**t)) + 1e-8)
-      z = z + step
-    return z, target(z)
-
-  return ascend(starts)
-
-
-_NEWTON_MAX_DIM = 16
-# Above this many latent dimensions `initialize` uses fewer starts and one Hessian per mode
-# (each Hessian costs `size` Hessian-vector products).
-_LARGE_DIM = 256
-
-
-def _newton_ascent(target, z, values, dtype, min_precision, num_iterations=25):
-  """Batched damped Newton ascent (full Hessians; small latent dimensions only).
-
-  Each step solves with the negative Hessian whose eigenvalues are floored at
-  `min_precision`, and keeps the best of five step lengths that increases the target.
-  """
-
-  @tf.function
-  def gradient_and_hessian(points):
-    with tf.GradientTape() as outer:
-      outer.watch(points)
-      with tf.GradientTape() as inner:
-        inner.watch(points)
-        value = tf.reduce_sum(target(points))
-      grad = inner.gradient(value, points)
-    return grad, outer.batch_jacobian(grad, points)
-
-  lengths = np.array([1., 0.5, 0.25, 0.1, 0.03])
-  for _ in range(num_iterations):
-    grad, hess = gradient_and_hessian(tf.constant(z, dtype))
-    grad = grad.numpy().astype(np.float64)
-    precision = -hess.numpy().astype(np.float64)
-    precision = 0.5 * (precision + np.swapaxes(precision, -1, -2))
-    eigvals, eigvecs = np.linalg.eigh(precision)
-    eigvals = np.clip(eigvals, min_precision, None)
-    step = np.einsum("nij,nj->ni", eigvecs,
-                     np.einsum("nji,nj->ni", eigvecs, grad) / eigvals)
-    step = np.where(np.isfinite(step), step, 0.)
-    candidates = z[None] + lengths[:, None, None] * step[None]  # [5, N, D]
-    cand_values = target(tf.constant(candidates.reshape(-1, z.shape[1]), dtype)).numpy()
-    cand_values = np.where(np.isfinite(cand_values), cand_values, -np.inf).reshape(5, -1)
-    best = np.argmax(cand_values, axis=0)
-    best_values = cand_values[best, np.arange(z.shape[0])]
-    improved = best_values > values
-    z = np.where(improved[:, None], candidates[best, np.arange(z.shape[0])], z)
-    values = np.where(improved, best_values, values)
-    if not improved.any():
-      break
-  return z, values
-
-
-def _same_basin(target, a, value_a, b, value_b, dtype, barrier=1.):
-  """Whether the segment from `a` to `b` stays within `barrier` nats of its lower end."""
-  t = np.linspace(0., 1., 11)[1:-1, None]
-  path = (1. - t) * a[None] + t * b[None]
-  values = target(tf.constant(path, dtype)).numpy().astype(np.float64)
-  return bool(np.all(values >= min(value_a, value_b) - barrier))
-
-
-def _fit_gaussian_scale(target, mean, covariance, dtype, seed, num_samples=128):
-  """Shrinks a Laplace Gaussian to fit a curved mode and estimates the mode's evidence.
-
-  For `c` in (1, 1/2, 1/4, 1/10, 1/30), draws `z ~ N(mean, c covariance)` (common random
-  numbers) and computes the ELBO `E[target(z)] + entropy` and the importance-sampling
-  estimate `log mean exp(target(z) - log N(z))` of the mode's log-evidence. Returns
-  `(c covariance, log evidence)` for the `c` with the best ELBO and the largest estimate
-  over all `c` (each is a stochastic lower bound on the mode's mass).
-  """
-  size = mean.shape[0]
-  root = np.linalg.cholesky(covariance)
-  eps = np.random.RandomState(seed % 2**31).randn(num_samples, size)
-  factors = np.array([1., 0.5, 0.25, 0.1, 1. / 30.])
-  z = mean + np.sqrt(factors)[:, None, None] * (eps @ root.T)[None]  # [5, n, D]
-  values = target(tf.constant(z.reshape(-1, size), dtype)).numpy().astype(np.float64)
-  values = np.where(np.isfinite(values), values, -np.inf).reshape(len(factors), num_samples)
-  log_norm = (-0.5 * np.sum(eps**2, axis=-1) - 0.5 * size * np.log(2 * np.pi)
-              - np.sum(np.log(np.diag(root))))[None] - 0.5 * size * np.log(factors)[:, None]
-  entropy = (0.5 * size * np.log(2 * np.pi * np.e) + np.sum(np.log(np.diag(root)))
-             + 0.5 * size * np.log(factors))
-  elbos = values.mean(axis=1) + entropy
-  log_weights = values - log_norm
-  log_evidence = np.logaddexp.reduce(log_weights, axis=1) - np.log(num_samples)
-  best = int(np.nanargmax(np.where(np.isfinite(elbos), elbos, -np.inf)))
-  return factors[best] * covariance, float(np.max(log_evidence))
-
-
-def _hessian_vector_products(target, z, vectors):
-  """Rows `H(z) v_i` for the rows `v_i` of `vectors`, by reverse-over-reverse autodiff."""
-  points = tf.tile(z[tf.newaxis], [tf.shape(vectors)[0], 1])
-  with tf.GradientTape() as outer:
-    outer.watch(points)
-    with tf.GradientTape() as inner:
-      inner.watch(points)
-      value = tf.reduce_sum(target(points))
-    grad = inner.gradient(value, points)
-    gv = tf.reduce_sum(grad * vectors)
-  return outer.gradient(gv, points)
-
-
-def _compiled_derivatives(target):
-  """Compiled Hessian-vector products and gradient of `target` (trace once, reuse per mode)."""
-  hvp = tf.function(lambda z, v: _hessian_vector_products(target, z, v), reduce_retracing=True)
-  grad_fn = tf.function(lambda z: tfp.math.value_and_gradient(target, z[tf.newaxis])[1][0])
-  return hvp, grad_fn
-
-
-def _laplace(target, derivatives, mu, value, dtype, min_precision, newton_steps=3,
-             chunk=128):
-  """Laplace approximation at a (polished) mode of `target` near `mu`.
-
-  Up to `newton_steps` damped Newton steps `mu <- mu + P^{-1} grad` refine `mu` (a step is
-  kept only if it increases the target). Returns `(mu, value, P, P^{-1}, log det P^{-1})`,
-  with `P` the negative Hessian, its eigenvalues clipped below at `min_precision`.
-  """
-  size = mu.shape[0]
-  hvp, grad_fn = derivatives
-  eye = np.eye(size)
-
-  def curvature(point):
-    rows = [hvp(tf.constant(point, dtype), tf.constant(eye[i:i + chunk], dtype)).numpy()
-            for i in range(0, size, chunk)]
-    precision = -np.concatenate(rows, axis=0).astype(np.float64)
-    precision = 0.5 * (precision + precision.T)
-    eigvals, eigvecs = np.linalg.eigh(precision)
-    eigvals = np.clip(eigvals, min_precision, None)
-    return eigvals, eigvecs
-
-  eigvals, eigvecs = curvature(mu)
-  for _ in range(newton_steps):
-    grad = grad_fn(tf.constant(mu, dtype))
-    candidate = mu + (eigvecs / eigvals) @ (eigvecs.T @ grad.numpy().astype(np.float64))
-    new_value = float(target(tf.constant(candidate[None], dtype))[0])
-    if not np.isfinite(new_value) or new_value <= value:
-      break
-    mu, value = candidate, new_value
-    eigvals, eigvecs = curvature(mu)
-  precision = (eigvecs * eigvals) @ eigvecs.T
-  covariance = (eigvecs / eigvals) @ eigvecs.T
-  return mu, value, precision, covariance, -np.sum(np.log(eigvals))
 
 
 def condition(prior, likelihood, observation, pregenerator=None, num_components=8,

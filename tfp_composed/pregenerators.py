@@ -114,6 +114,10 @@ class AffineStage(tfb.Bijector):
   def full_rank(self):
     return self._full_rank
 
+  def scale_operator(self):
+    """The scale `L` as a `tf.linalg.LinearOperator` (lower-triangular or diagonal)."""
+    return self._linear()
+
   def _linear(self):
     if self._full_rank:
       return tf.linalg.LinearOperatorLowerTriangular(tf.convert_to_tensor(self.scale_tril))
