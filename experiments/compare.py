@@ -9,6 +9,10 @@ table of means and standard deviations across images, a sample grid (rows: metho
 truth, observation, samples, mean, std) and a calibration plot (nominal against empirical
 coverage of central intervals), all from `runs.jsonl` and the saved samples of the first image.
 
+Test image `i` is `x = (k + 1/2) / L` for the grey levels `k` of the `i`-th test image (`L`
+levels); its observation is `task.observe(x, seed=[seed, i])`, the same for every method, and
+every method runs with `seed`.
+
     python -m experiments.compare --prior=mnist --tasks=inpaint_lower_half,super_resolution_4x \
         --methods=composed,ula,map --num_images=20 --budgets=60,300
     python -m experiments.compare --report_only          # rebuild RESULTS.md from runs.jsonl
