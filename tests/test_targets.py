@@ -84,3 +84,20 @@ def test_find_modes_separates_two_modes():
   assert found.num_modes == 2
   np.testing.assert_allclose(np.sort(found.locs[:, 0]), [-2., 2.], atol=0.05)
   np.testing.assert_allclose(np.exp(found.log_weights), [0.5, 0.5], atol=0.1)
+
+
+def test_latent_importance_weights_match_ambient_ones():
+  # log p(x, y) - log q(x) computed in ambient space (inverting f and g) equals the latent
+  # weight target(z) - log q(z) from forward passes only: the Jacobian of f cancels.
+  prior = problems.banana_prior()
+  likelihood = tfc.likelihoods.Gaussian(tfc.operators.Mask([True, False]), scale=0.3)
+  posterior = tfc.ComposedPosterior(prior, likelihood, [0.5], num_components=2)
+  rng = np.random.RandomState(0)
+  for v in posterior.trainable_variables:
+    v.assign(v + 0.05 * rng.randn(*v.shape).astype(np.float32))
+  z, log_q_z = posterior.latent_sample_and_log_prob(64, seed=[1, 2])
+  latent = posterior.target.log_prob(z) - log_q_z
+  x = prior.bijector.forward(z)
+  ambient = (prior.log_prob(tf.identity(x)) + likelihood.log_prob(posterior.observation, x)
+             - posterior.log_prob(tf.identity(x)))
+  np.testing.assert_allclose(latent.numpy(), ambient.numpy(), rtol=1e-4, atol=1e-4)
