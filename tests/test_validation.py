@@ -174,11 +174,45 @@ def test_observation_wrong_dtype(observation, dtype):
     _posterior(observation=observation)
 
 
-def test_observation_dtype_differs_from_the_prior():
-  with pytest.raises(TypeError, match=r"`observation` has dtype float32 but `prior` has dtype "
-                                      r"float64"):
-    _posterior(prior=_prior(tf.float64), pregenerator=tfc.pregenerators.affine(
-        [2], dtype=tf.float64))
+def test_float64_end_to_end_the_likelihood_follows_the_prior():
+  # The likelihood is made without a dtype: it adopts the prior's float64, so the float64
+  # observation stays float64 (not rounded through float32) and so do `loss` and `log_prob`.
+  likelihood = _likelihood(scale=0.1)
+  posterior = _posterior(prior=_prior(tf.float64), likelihood=likelihood,
+                         observation=np.array([0.5]), num_components=2,
+                         pregenerator=tfc.pregenerators.affine([2], dtype=tf.float64))
+  assert likelihood.dtype == likelihood.scale.dtype == tf.float64
+  assert posterior.observation.dtype == tf.float64 and posterior.dtype == tf.float64
+  assert posterior.loss(8, seed=[1, 2]).dtype == tf.float64
+  x = tf.constant([[0.1, 0.2], [1., -1.]], tf.float64)
+  assert posterior.log_prob(x).dtype == tf.float64
+  # The target in float64 precision: 0.1 and 0.5 exactly, N(0.5; f(z)_0, 0.1^2) + N(z; 0, I).
+  z = np.array([[0.1, -0.3]])
+  f0 = np.sinh(np.arcsinh(0.1) + 0.3) + 0.3
+  expected = (-0.5 * np.sum(z**2) - np.log(2. * np.pi)
+              - 0.5 * ((0.5 - f0) / 0.1)**2 - np.log(0.1) - 0.5 * np.log(2. * np.pi))
+  np.testing.assert_allclose(posterior.latent_target_log_prob(z).numpy(), [expected],
+                             rtol=1e-13)
+
+
+def test_likelihood_with_an_explicit_dtype_that_contradicts_the_prior():
+  likelihood = tfc.likelihoods.Gaussian(tfc.operators.Mask([True, False]), scale=0.3,
+                                        dtype=tf.float32)
+  with pytest.raises(TypeError, match=r"The likelihood's `dtype` is float32 \(passed to its "
+                                      r"constructor\) but the prior's dtype is float64; they "
+                                      r"must match\. Construct Gaussian\(\.\.\., "
+                                      r"dtype=tf\.float64\)"):
+    _posterior(prior=_prior(tf.float64), likelihood=likelihood,
+               pregenerator=tfc.pregenerators.affine([2], dtype=tf.float64))
+
+
+def test_likelihood_reused_with_a_prior_of_another_dtype():
+  likelihood = _likelihood()
+  _posterior(likelihood=likelihood)  # Adopts float32.
+  with pytest.raises(TypeError, match=r"`dtype` is float32 \(adopted from the prior it was "
+                                      r"first built on\) but the prior's dtype is float64"):
+    _posterior(prior=_prior(tf.float64), likelihood=likelihood,
+               pregenerator=tfc.pregenerators.affine([2], dtype=tf.float64))
 
 
 def test_ragged_observation():

@@ -80,7 +80,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
     with tf.name_scope(name) as name:
       dtype = prior.dtype
       if hasattr(likelihood, "check_observation"):
-        likelihood.build(prior.event_shape)
+        likelihood.build(prior.event_shape, dtype=dtype)
         # One observation: its shape is exactly the likelihood's event shape.
         observation = likelihood.check_observation(observation, name="observation")
       self._target = targets_lib.LatentTarget(prior, likelihood, observation)

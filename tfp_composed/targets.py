@@ -86,7 +86,8 @@ class LatentTarget(tf.Module):
 
     Args:
       prior: the frozen flow prior, a `tfd.TransformedDistribution`.
-      likelihood: a `tfc.likelihoods.Likelihood`; built on the prior's event shape here.
+      likelihood: a `tfc.likelihoods.Likelihood`; built on the prior's event shape and
+        dtype here.
       observation: `y`, shape `batch + likelihood.event_shape` (batch may be empty).
       name: module name.
     """
@@ -96,7 +97,7 @@ class LatentTarget(tf.Module):
           "`likelihood` must be a tfp_composed.likelihoods.Likelihood (e.g. "
           f"tfc.likelihoods.Gaussian(operator, scale)), got {type(likelihood).__name__}.")
     super().__init__(name=name)
-    likelihood.build(prior.event_shape)
+    likelihood.build(prior.event_shape, dtype=prior.dtype)
     self._prior = prior
     self._likelihood = likelihood
     self._observation = likelihood.check_observation(observation, name="observation",
