@@ -220,6 +220,39 @@ def test_ragged_observation():
     _posterior(observation=[[0.5], [0.5, 0.2]])
 
 
+@pytest.mark.parametrize("y, got", [([0.5, 0.2], r"\[2\]"), ([], r"\[0\]"),
+                                    (np.zeros([3, 2]), r"\[3, 2\]")])
+def test_likelihood_log_prob_of_a_wrong_observation_shape(y, got):
+  # Without the check, `y` of shape [2] broadcasts against the event [1] and sums two terms.
+  likelihood = _likelihood()
+  with pytest.raises(ValueError, match=rf"`y` must have shape batch \+ \[1\], the output shape "
+                                       rf"of Mask.*got {got}\."):
+    likelihood.log_prob(y, np.zeros([3, 2], np.float32))
+
+
+# ---------------------------------------------------------------------------
+# Inputs of the posterior's methods.
+
+
+@pytest.mark.parametrize("method", ["log_prob", "prob"])
+@pytest.mark.parametrize("value, got", [
+    (np.zeros([3, 3], np.float32), r"\[3, 3\]"), (np.zeros([3], np.float32), r"\[3\]"),
+    (np.zeros([], np.float32), r"\[\]"), (np.zeros([2, 1, 2, 1], np.float32), r"\[2, 1, 2, 1\]"),
+])
+def test_log_prob_of_a_wrong_event_shape(posterior, method, value, got):
+  with pytest.raises(ValueError, match=rf"`value` of `ComposedPosterior.{method}` must have shape "
+                                       rf"batch_shape \+ \[2\] \(the posterior's event shape, "
+                                       rf"the prior's\), got shape {got}\."):
+    getattr(posterior, method)(value)
+
+
+def test_log_prob_of_the_right_event_shape_with_any_batch(posterior):
+  x = np.zeros([4, 3, 2], np.float32)
+  assert posterior.log_prob(x).shape == [4, 3]
+  assert tf.function(posterior.log_prob)(tf.zeros([5, 2])).shape == [5]
+  assert posterior.prob(np.zeros([2], np.float32)).shape == []
+
+
 # ---------------------------------------------------------------------------
 # The pre-generator and the base mixture.
 

@@ -316,6 +316,10 @@ class Likelihood(tf.Module):
     dist = self.distribution(x)
     with self.name_scope:
       y = tf.convert_to_tensor(y, dtype_hint=dist.dtype, name="y")
+      if not _shape_matches(y.shape, self.event_shape, allow_batch=True):
+        raise ValueError(
+            f"`y` must have shape {_expected(self.event_shape, True)}, the output shape of "
+            f"{self._operator!r}, got {_format_shape(y.shape)}.")
       if (y.dtype != dist.dtype and dist.dtype.is_floating and
           (y.dtype.is_floating or y.dtype.is_integer)):
         y = tf.cast(y, dist.dtype)

@@ -141,6 +141,26 @@ class ComposedPosterior(tfd.TransformedDistribution):
     # batchable tensors; its batch shape is that of the base distribution, which is [].
     return {}
 
+  def _check_value(self, value, method):
+    """Raises a `ValueError` unless the static shape of `value` ends in the event shape."""
+    event = self.event_shape
+    shape = value.shape
+    if shape.rank is None:
+      return  # Unknown rank (a traced input): nothing to check statically.
+    if shape.rank < event.rank or not shape[shape.rank - event.rank:].is_compatible_with(event):
+      raise ValueError(
+          f"`value` of `{type(self).__name__}.{method}` must have shape batch_shape + "
+          f"{event.as_list()} (the posterior's event shape, the prior's), got shape "
+          f"{shape.as_list()}.")
+
+  def _log_prob(self, x, **kwargs):
+    self._check_value(x, "log_prob")
+    return super()._log_prob(x, **kwargs)
+
+  def _prob(self, x, **kwargs):
+    self._check_value(x, "prob")
+    return super()._prob(x, **kwargs)
+
   def _check_pregenerator(self, pregenerator):
     if not isinstance(pregenerator, tfb.Bijector):
       raise TypeError(
