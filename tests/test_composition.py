@@ -237,6 +237,35 @@ def test_copy_and_slice_keep_the_fitted_distribution(make_copy):
                              posterior.log_prob(x).numpy(), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("index", [0, -1, (5, 3), slice(None), (Ellipsis, 0)],
+                         ids=["0", "-1", "5_3", "colon", "ellipsis_0"])
+def test_index_beyond_the_batch_shape_raises_like_tfp(index):
+  # TFP raises InvalidArgumentError for `tfd.Normal(0., 1.)[0]`; so does the posterior (its
+  # batch shape is []), with an error that is also an IndexError and says why.
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    tfd.Normal(0., 1.)[index]  # pylint: disable=expression-not-assigned
+  posterior = _posterior("vector_iaf")
+  with pytest.raises(tfc.posterior.BatchIndexError,
+                     match=r"`ComposedPosterior` has batch shape \[\] \(it is one "
+                           r"distribution\): the index .* has no batch axis"):
+    posterior[index]  # pylint: disable=pointless-statement
+  assert issubclass(tfc.posterior.BatchIndexError, (IndexError,))
+
+
+@pytest.mark.parametrize("index, batch_shape", [
+    ((), []), (Ellipsis, []), (tf.newaxis, [1]), ((Ellipsis, tf.newaxis, tf.newaxis), [1, 1]),
+])
+def test_index_within_the_batch_shape_like_tfp(index, batch_shape):
+  posterior = _posterior("vector_iaf")
+  assert tfd.Normal(0., 1.)[index].batch_shape == batch_shape
+  sliced = posterior[index]
+  assert sliced.batch_shape == batch_shape and sliced.event_shape == posterior.event_shape
+  x = tf.constant([[0.1, 0.2], [1., -1.]])
+  expected = posterior.log_prob(x).numpy().reshape([2] + [1] * len(batch_shape))
+  np.testing.assert_allclose(sliced.log_prob(tf.reshape(x, [2] + [1] * len(batch_shape) + [2]))
+                             .numpy(), expected, rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.xfail(strict=True, raises=ValueError,
                    reason="the composite-tensor rebuild creates variables inside tf.function")
 def test_posterior_as_a_tf_function_argument():

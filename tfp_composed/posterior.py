@@ -36,7 +36,7 @@ from tfp_composed.targets import validate_prior
 tfb = tfp.bijectors
 tfd = tfp.distributions
 
-__all__ = ["ComposedPosterior", "NegativeElbo", "condition", "validate_prior"]
+__all__ = ["BatchIndexError", "ComposedPosterior", "NegativeElbo", "condition", "validate_prior"]
 
 # Base-mixture components are full-covariance Gaussians up to this latent dimension and
 # diagonal (in the affine stage's whitened coordinates) above it.
@@ -45,6 +45,26 @@ _FULL_COMPONENT_MAX_DIM = 64
 
 def _num_elements(shape):
   return int(np.prod(shape.as_list()))
+
+
+class BatchIndexError(IndexError, tf.errors.InvalidArgumentError):
+  """An index beyond a distribution's batch shape (TFP raises `InvalidArgumentError` there)."""
+
+  def __init__(self, message):
+    tf.errors.InvalidArgumentError.__init__(self, None, None, message)
+
+
+def _concrete_index(item):
+  """`item` of a slice tuple with eager tensors replaced by NumPy values."""
+  if isinstance(item, slice):
+    return slice(*(_concrete_index(v) for v in (item.start, item.stop, item.step)))
+  if tf.is_tensor(item):
+    if not hasattr(item, "numpy"):
+      raise TypeError(
+          f"Indexing a `ComposedPosterior` (batch shape []) needs concrete indices, got the "
+          f"symbolic tensor {item!r}.")
+    return item.numpy()
+  return item
 
 
 class ComposedPosterior(tfd.TransformedDistribution):
@@ -140,6 +160,27 @@ class ComposedPosterior(tfd.TransformedDistribution):
     # The posterior's parameters (prior, likelihood, observation, pre-generator) are not
     # batchable tensors; its batch shape is that of the base distribution, which is [].
     return {}
+
+  def __getitem__(self, slices):
+    """Slices the batch axes like any TFP distribution; the batch shape is `[]`.
+
+    `posterior[...]` and `posterior[()]` return an equal posterior sharing the variables;
+    `tf.newaxis` adds batch dimensions (a `tfd.BatchBroadcast` of this posterior); an
+    integer or slice has no batch axis to index and raises `BatchIndexError` (an
+    `IndexError` and a `tf.errors.InvalidArgumentError`, which TFP raises there).
+    """
+    index = slices if isinstance(slices, tuple) else (slices,)
+    index = tuple(_concrete_index(item) for item in index)
+    try:
+      batch_shape = np.zeros([])[index].shape
+    except IndexError:
+      raise BatchIndexError(
+          f"`{type(self).__name__}` has batch shape [] (it is one distribution): the index "
+          f"{slices!r} has no batch axis to apply to. Only `...`, `()` and `tf.newaxis` "
+          "apply.") from None
+    if batch_shape:
+      return tfd.BatchBroadcast(self, list(batch_shape))
+    return super().__getitem__(())
 
   def _check_value(self, value, method):
     """Raises a `ValueError` unless the static shape of `value` ends in the event shape."""
