@@ -84,6 +84,11 @@ class ComposedPosterior(tfd.TransformedDistribution):
   posterior = tfc.ComposedPosterior(prior, likelihood, observation=[0.7])
   posterior.fit(seed=0)
   x, log_q = posterior.experimental_sample_and_log_prob(16, seed=1)
+
+  # A composite tensor like other TFP distributions: an argument of a `tf.function`, traced
+  # once per posterior object and reading its variables' current values.
+  log_prob = tf.function(lambda dist, x: dist.log_prob(x))
+  log_prob(posterior, x)
   ```
 
   #### References
@@ -516,6 +521,31 @@ class ComposedPosterior(tfd.TransformedDistribution):
         jit_compile=jit_compile, checkpoint_dir=checkpoint_dir, verbose=verbose,
         checkpoint_objects={"initialized": self._initialized},
         on_fresh_start=on_fresh_start, on_resume=on_resume, **kwargs)
+
+
+# TFP makes every `TransformedDistribution` subclass an `AutoCompositeTensor` (its
+# metaclass sets `_type_spec` after the class is made), whose type spec holds the
+# constructor's non-tensor arguments by value. The likelihood (a `tf.Module`) and a prior
+# that is not itself a composite tensor have no value to compare, so the spec was unhashable
+# and a posterior could not be passed to a `tf.function`. They are held by reference
+# instead, as TFP holds callables (the pre-generator): a `tf.function` traces once per
+# posterior object, rebuilds it from its variables and sees their current values.
+_BY_REFERENCE = ("prior", "likelihood")
+_auto_type_spec = ComposedPosterior._type_spec  # pylint: disable=protected-access
+
+
+def _type_spec(self):
+  spec = _auto_type_spec.fget(self)
+  # pylint: disable=protected-access
+  by_value = dict(spec._non_tensor_params)
+  by_reference = dict(spec._callable_params)
+  for name in _BY_REFERENCE:
+    if name in by_value:
+      by_reference[name] = by_value.pop(name)
+  return spec._copy(non_tensor_params=by_value, callable_params=by_reference)
+
+
+ComposedPosterior._type_spec = property(_type_spec)  # pylint: disable=protected-access
 
 
 class NegativeElbo:
