@@ -107,6 +107,51 @@ def test_likelihood_not_a_likelihood(likelihood, got):
     _posterior(likelihood=likelihood)
 
 
+def _fails_on_purpose(x):
+  raise RuntimeError("fn failed on purpose")
+
+
+@pytest.mark.parametrize("fn, output_shape, match", [
+    (_fails_on_purpose, None, r"`fn` must map a batch .* on zeros of shape \[1, 2\] \(float32\) it "
+                              r"raised RuntimeError: fn failed on purpose"),
+    (_fails_on_purpose, [1], r"raised RuntimeError: fn failed on purpose"),
+    (lambda x: x[:, :1], [2], r"`fn` must return shape \[N\] \+ `output_shape` = \[N\] \+ \[2\]; "
+                              r"on zeros of shape \[1, 2\] it returned shape \[1, 1\]"),
+], ids=["raises", "raises_with_output_shape", "contradicts_output_shape"])
+def test_lambda_operator_is_probed_when_the_posterior_is_built(fn, output_shape, match):
+  # The operator learns its input shape from the prior: the probe runs then, at construction.
+  likelihood = tfc.likelihoods.Gaussian(tfc.operators.Lambda(fn, output_shape=output_shape),
+                                        scale=0.3)
+  with pytest.raises(ValueError, match=match):
+    _posterior(likelihood=likelihood, observation=[0.5] * (output_shape or [1])[0])
+
+
+@pytest.mark.parametrize("noise_fn, error, match", [
+    (lambda loc: loc, TypeError, r"`noise_fn` must return a `tfd.Distribution`, got "
+                                 r"<tf.Tensor.* of type EagerTensor"),
+    (lambda loc: tfd.Normal(loc[..., 0], 1.), ValueError,
+     r"`noise_fn` must return a distribution with batch shape \[1, 1\] \(the shape of `loc`\) "
+     r"and scalar events, got batch shape \[1\]"),
+    (lambda loc: tfd.MultivariateNormalDiag(loc), ValueError,
+     r"got batch shape \[1\] and event shape \[1\]"),
+], ids=["tensor", "wrong_batch", "vector_events"])
+def test_noise_fn_is_probed_before_training(noise_fn, error, match):
+  with pytest.raises(error, match=match):  # Mask knows its shape: at the likelihood's construction.
+    tfc.likelihoods.Likelihood(tfc.operators.Mask([True, False]), noise_fn)
+  likelihood = tfc.likelihoods.Likelihood(tfc.operators.Lambda(lambda x: x[:, :1]), noise_fn)
+  with pytest.raises(error, match=match):  # Shape from the prior: at the posterior's.
+    _posterior(likelihood=likelihood)
+
+
+def test_float64_prior_with_a_float64_only_lambda():
+  matrix = tf.constant([[1.], [0.]], tf.float64)
+  operator = tfc.operators.Lambda(lambda x: tf.linalg.matmul(x, matrix), dtype=tf.float64)
+  posterior = _posterior(prior=_prior(tf.float64), observation=[0.5],
+                         likelihood=tfc.likelihoods.Gaussian(operator, scale=0.3),
+                         pregenerator=tfc.pregenerators.affine([2], dtype=tf.float64))
+  assert posterior.loss(4, seed=[0, 1]).dtype == tf.float64
+
+
 NOISE = {
     "gaussian": lambda op, **kw: tfc.likelihoods.Gaussian(op, **kw),
     "laplace": lambda op, **kw: tfc.likelihoods.Laplace(op, **kw),

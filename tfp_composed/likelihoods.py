@@ -255,7 +255,13 @@ class Likelihood(tf.Module):
       return
     with tf.init_scope():
       x = tf.zeros([1] + self._operator.input_shape.as_list(), self._dtype)
-      loc = self._operator(x)
+      try:
+        loc = self._operator(x)
+      except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(
+            f"`operator` {self._operator!r} must map a batch of signals of the likelihood's "
+            f"dtype; on zeros of shape {_format_shape(x.shape)} ({self._dtype.name}) it "
+            f"raised {_first_line(e)}") from e
       try:
         noise = self._noise(loc)
       except Exception as e:  # pylint: disable=broad-except

@@ -780,9 +780,12 @@ class Grayscale(ForwardOperator):
 class Lambda(ForwardOperator):
   """Any differentiable map `A(x) = fn(x)`, treated as non-linear.
 
-  `fn` maps a batch, `[N] + input_shape -> [N] + output_shape`. When `output_shape`
-  is not given it is inferred at build time by calling `fn` once on zeros of shape
-  `[1] + input_shape` (eagerly, outside any `tf.function`).
+  `fn` maps a batch, `[N] + input_shape -> [N] + output_shape`. When the input shape is
+  bound (at construction or `build`), `fn` is called once, eagerly (outside any
+  `tf.function`), on zeros of shape `[1] + input_shape` and `dtype`: that call infers
+  `output_shape` when it is not given and checks it when it is, so that an `fn` that
+  raises or returns the wrong shape is an error here, naming `fn`, and not inside a trace
+  of `fit`.
 
   #### Examples
 
@@ -797,7 +800,7 @@ class Lambda(ForwardOperator):
   ```
   """
 
-  def __init__(self, fn, output_shape=None, input_shape=None, name=None):
+  def __init__(self, fn, output_shape=None, input_shape=None, name=None, dtype=tf.float32):
     """Creates the operator.
 
     Args:
@@ -805,10 +808,21 @@ class Lambda(ForwardOperator):
       output_shape: event shape of `fn(x)`; `None` to infer it at build time.
       input_shape: event shape of `x`; `None` to bind it later with `build`.
       name: Python `str` name of the module.
+      dtype: floating dtype of the zeros `fn` is probed with at build time (pass
+        `tf.float64` for an `fn` that accepts float64 inputs only).
+
+    Raises:
+      TypeError: if `fn` is not callable or `dtype` is not floating.
+      ValueError: if `fn` raises on the probe, or returns a shape other than
+        `[1] + output_shape`.
     """
     if not callable(fn):
       raise TypeError(f"`fn` must be callable, got {fn!r} of type {type(fn).__name__}.")
+    dtype = tf.as_dtype(dtype)
+    if not dtype.is_floating:
+      raise TypeError(f"`dtype` must be a floating dtype, got {dtype.name}.")
     self._fn = fn
+    self._dtype = dtype
     self._given_output_shape = (
         None if output_shape is None else _as_event_shape(output_shape, "output_shape"))
     self._inferred_output_shape = None
@@ -819,15 +833,29 @@ class Lambda(ForwardOperator):
     return self._fn
 
   def _build(self, input_shape):
-    if self._given_output_shape is not None:
-      return
+    probe_shape = [1] + input_shape.as_list()
     with tf.init_scope():
-      out = tf.convert_to_tensor(self._fn(tf.zeros([1] + input_shape.as_list())))
+      try:
+        out = tf.convert_to_tensor(self._fn(tf.zeros(probe_shape, self._dtype)))
+      except Exception as e:  # pylint: disable=broad-except
+        text = str(e).strip()
+        raise ValueError(
+            f"`fn` must map a batch [N] + input_shape to [N] + output_shape; on zeros of "
+            f"shape {probe_shape} ({self._dtype.name}) it raised {type(e).__name__}: "
+            f"{text.splitlines()[0] if text else ''}") from e
     if out.shape.rank is None or out.shape.rank < 1 or out.shape[0] != 1:
       raise ValueError(
           f"`fn` must map a batch [N] + input_shape to [N] + output_shape; on zeros of "
-          f"shape {[1] + input_shape.as_list()} it returned shape "
-          f"{_format_shape(out.shape)}.")
+          f"shape {probe_shape} it returned shape {_format_shape(out.shape)}.")
+    if not out.dtype.is_floating:
+      raise TypeError(
+          f"`fn` must return a floating tensor; on zeros of shape {probe_shape} it returned "
+          f"dtype {out.dtype.name}.")
+    given = self._given_output_shape
+    if given is not None and out.shape[1:] != given:
+      raise ValueError(
+          f"`fn` must return shape [N] + `output_shape` = [N] + {_format_shape(given)}; on "
+          f"zeros of shape {probe_shape} it returned shape {_format_shape(out.shape)}.")
     self._inferred_output_shape = out.shape[1:]
 
   def _output_shape(self, input_shape):
