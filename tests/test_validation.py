@@ -92,6 +92,55 @@ def test_prior_with_scalar_events():
     _posterior(prior=prior)
 
 
+@pytest.mark.parametrize("base, shown", [
+    (tfd.Sample(tfd.Poisson(1.), [2]), r"Poisson \(in Sample\(Poisson\)\)"),
+    (tfd.Sample(tfd.Bernoulli(probs=0.5, dtype=tf.float32), [2]), r"Bernoulli"),
+    (tfd.Empirical(tf.zeros([3, 2]), event_ndims=1), r"Empirical"),
+], ids=["poisson", "bernoulli", "empirical"])
+def test_discrete_base_is_rejected(base, shown):
+  prior = tfd.TransformedDistribution(base, tfb.Shift(tf.Variable([0.3, 0.])))
+  with pytest.raises(TypeError, match=rf"`prior`'s base distribution must be continuous, with "
+                                      rf"support R\^d.*got the discrete {shown}"):
+    _posterior(prior=prior)
+
+
+@pytest.mark.parametrize("base, shown", [
+    (tfd.Sample(tfd.Uniform(0., 1.), [2]), "Sample\\(Uniform\\)"),
+    (tfd.Independent(tfd.Uniform(tf.zeros(2), 1.), 1), "Independent\\(Uniform\\)"),
+    (tfd.Sample(tfd.Gamma(2., 1.), [2]), "Sample\\(Gamma\\)"),
+    (tfd.MixtureSameFamily(tfd.Categorical(logits=[0., 0.]),
+                           tfd.Independent(tfd.Uniform(tf.zeros([2, 2]), 1.), 1)),
+     "Independent\\(Uniform\\) \\(in MixtureSameFamily"),
+], ids=["uniform", "independent_uniform", "gamma", "mixture_of_uniforms"])
+def test_base_with_bounded_support_is_rejected_at_construction(base, shown):
+  prior = tfd.TransformedDistribution(base, tfb.Shift(tf.Variable([0.3, 0.])))
+  with pytest.raises(ValueError, match=rf"`prior`'s base distribution must have support R\^d .*"
+                                       rf"got {shown}.* with bounded support .*"
+                                       rf"tfb.NormalCDF\(\)"):
+    _posterior(prior=prior)
+
+
+def test_the_suggested_unconstrained_base_is_the_same_prior():
+  shift = tfb.Shift(tf.Variable([0.3, 0.]))
+  uniform = tfd.TransformedDistribution(tfd.Sample(tfd.Uniform(0., 1.), [2]), shift)
+  normal = tfd.TransformedDistribution(tfd.Sample(tfd.Normal(0., 1.), [2]),
+                                       tfb.Chain([shift, tfb.NormalCDF()]))
+  x = tf.constant([[0.5, 0.2], [1.2, 0.9]])
+  np.testing.assert_allclose(normal.log_prob(x).numpy(), uniform.log_prob(x).numpy(),
+                             atol=1e-5)
+  assert _posterior(prior=normal).prior is normal
+
+
+@pytest.mark.parametrize("base", [
+    tfd.Sample(tfd.StudentT(3., 0., 1.), [2]), tfd.Sample(tfd.Logistic(0., 1.), [2]),
+    tfd.MixtureSameFamily(tfd.Categorical(logits=[0., 0.]),
+                          tfd.MultivariateNormalDiag([[-1., 0.], [1., 0.]], [1., 1.])),
+], ids=["student_t", "logistic", "gaussian_mixture"])
+def test_continuous_bases_with_full_support_are_accepted(base):
+  prior = tfd.TransformedDistribution(base, tfb.Shift(tf.Variable([0.3, 0.])))
+  assert _posterior(prior=prior).prior is prior
+
+
 # ---------------------------------------------------------------------------
 # The likelihood and its noise parameters.
 
