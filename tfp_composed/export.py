@@ -28,8 +28,9 @@ signatures, `loaded.signatures[name](**inputs)`, returning dicts with keys `x` a
 import os
 import uuid
 
-import numpy as np
 import tensorflow as tf
+
+from tfp_composed import checks
 
 __all__ = ["save", "load", "SIGNATURES"]
 
@@ -39,15 +40,6 @@ SIGNATURES = ("sample", "log_prob", "sample_and_log_prob")
 def _posterior_class():
   from tfp_composed import posterior as posterior_lib  # pylint: disable=g-import-not-at-top
   return posterior_lib.ComposedPosterior
-
-
-def _check_batch_size(batch_size):
-  if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-      or batch_size < 1):
-    raise ValueError(
-        f"`batch_size` must be a positive integer, got {batch_size!r} of type "
-        f"{type(batch_size).__name__}.")
-  return int(batch_size)
 
 
 def _check_signatures(signatures):
@@ -272,7 +264,7 @@ def save(posterior, path, batch_size=64, signatures=SIGNATURES, dynamic_batch=No
     raise TypeError(
         "`posterior` must be a tfp_composed.ComposedPosterior, got "
         f"{type(posterior).__name__}.")
-  batch_size = _check_batch_size(batch_size)
+  batch_size = checks.positive_integer(batch_size, "batch_size")
   names = _check_signatures(signatures)
   if dynamic_batch not in (None, True, False):
     raise ValueError(f"`dynamic_batch` must be None, True or False, got {dynamic_batch!r}.")

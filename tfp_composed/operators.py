@@ -24,6 +24,8 @@ enter the computation as `tf.constant`s in the dtype of `x`: an operator compute
 import numpy as np
 import tensorflow as tf
 
+from tfp_composed import checks
+
 __all__ = [
     "ForwardOperator",
     "Identity",
@@ -91,14 +93,6 @@ def _as_real_array(value, name, ndim=None):
     raise ValueError(
         f"`{name}` must be finite, got {num_bad} NaN or Inf entries of {arr.size}.")
   return arr.astype(np.float64)
-
-
-def _as_positive_int(value, name):
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(
-        f"`{name}` must be a positive integer, got {value!r} of type "
-        f"{type(value).__name__}.")
-  return int(value)
 
 
 def _as_float_tensor(x, name):
@@ -490,7 +484,7 @@ class Downsample(ForwardOperator):
         `build` (the event rank is ambiguous, so it is not inferred from `x`).
       name: Python `str` name of the module.
     """
-    self._factor = _as_positive_int(factor, "factor")
+    self._factor = checks.positive_integer(factor, "factor")
     super().__init__(input_shape=input_shape, name=name)
 
   @property
@@ -615,7 +609,7 @@ class GaussianMeasurement(Linear):
         inferred from `x`, whose event rank is unknown to this operator).
       name: Python `str` name of the module.
     """
-    self._num_measurements = _as_positive_int(num_measurements, "num_measurements")
+    self._num_measurements = checks.positive_integer(num_measurements, "num_measurements")
     seed_arr = np.asarray(seed)
     if (not np.issubdtype(seed_arr.dtype, np.integer) or seed_arr.ndim > 1 or
         (seed_arr.ndim == 1 and seed_arr.size != 2)):
