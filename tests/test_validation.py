@@ -274,7 +274,8 @@ def test_float64_end_to_end_the_likelihood_follows_the_prior():
   likelihood = _likelihood(scale=0.1)
   posterior = _posterior(prior=_prior(tf.float64), likelihood=likelihood,
                          observation=np.array([0.5]), num_components=2,
-                         pregenerator=tfc.pregenerators.affine([2], dtype=tf.float64))
+                         pregenerator=None)  # The default pre-generator, in float64.
+  assert all(v.dtype == tf.float64 for v in posterior.trainable_variables)
   assert likelihood.dtype == likelihood.scale.dtype == tf.float64
   assert posterior.observation.dtype == tf.float64 and posterior.dtype == tf.float64
   assert posterior.loss(8, seed=[1, 2]).dtype == tf.float64
