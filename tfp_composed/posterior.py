@@ -462,7 +462,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
 
   def fit(self, num_steps=2000, batch_size=64, learning_rate=1e-3, seed=0, callbacks=None,
           strategy=None, jit_compile=None, checkpoint_dir=None, verbose=1, init="auto",
-          anneal_steps=0, **kwargs):
+          anneal_steps=0, log_dir=None, image_every=None, **kwargs):
     """Fits the pre-generator (and base mixture) by minimizing `loss` with `training.fit`.
 
     Args:
@@ -478,8 +478,13 @@ class ComposedPosterior(tfd.TransformedDistribution):
       init: "auto" runs `initialize(seed=seed)` unless it has already run or a checkpoint is
         restored; "laplace" always runs it; None skips it.
       anneal_steps: the likelihood weight rises linearly from 0 to 1 over these first steps.
+      log_dir: TensorBoard directory: per-step `train/loss`, `train/grad_norm`,
+        `train/learning_rate`, `train/likelihood_weight` (see `training.fit`).
+      image_every: with `log_dir` and an image-shaped event, write a grid of 64 posterior
+        samples, their mean and std (`posterior/samples`, `posterior/mean`, `posterior/std`)
+        every this many steps.
       **kwargs: further options of `training.fit` (`steps_per_execution`,
-        `checkpoint_every`, `max_bad_steps`, `clip_norm`).
+        `checkpoint_every`, `max_bad_steps`, `clip_norm`, `steps_per_epoch`, `convergence`).
 
     Returns:
       A `tf_keras.callbacks.History` whose `history` holds per-step `loss`, `grad_norm` and
@@ -515,12 +520,19 @@ class ComposedPosterior(tfd.TransformedDistribution):
       if init == "laplace":
         self.initialize(seed=seed)
 
+    if image_every is not None:
+      image_every = checks.positive_integer(image_every, "image_every")
+      if log_dir is None:
+        raise ValueError(f"`image_every` ({image_every}) needs `log_dir`, got log_dir=None.")
+      kwargs.update(summary_every=image_every, summary_fn=training.image_summaries(
+          lambda n, sample_seed: self.sample(n, seed=sample_seed), self.event_shape, seed=seed))
+
     return training.fit(
         objective, self.trainable_variables, num_steps=num_steps,
         learning_rate=learning_rate, seed=seed, callbacks=callbacks, strategy=strategy,
         jit_compile=jit_compile, checkpoint_dir=checkpoint_dir, verbose=verbose,
         checkpoint_objects={"initialized": self._initialized},
-        on_fresh_start=on_fresh_start, on_resume=on_resume, **kwargs)
+        on_fresh_start=on_fresh_start, on_resume=on_resume, log_dir=log_dir, **kwargs)
 
 
 # TFP makes every `TransformedDistribution` subclass an `AutoCompositeTensor` (its
