@@ -52,8 +52,11 @@ import numpy as np
 
 from tfp_composed import checks
 from tfp_composed import targets as targets_lib
+from tfp_composed.baselines import ambient as _ambient
 from tfp_composed.baselines import composed as _composed
+from tfp_composed.baselines import latent_map as _latent_map
 from tfp_composed.baselines import mcmc as _mcmc
+from tfp_composed.baselines import pl_mcmc as _pl_mcmc
 from tfp_composed.baselines._core import Clock, Problem, Result  # noqa: F401
 
 __all__ = ["METHODS", "Result", "run"]
@@ -61,10 +64,13 @@ __all__ = ["METHODS", "Result", "run"]
 METHODS = {
     "composed": _composed.composed,
     "composed_sir": _composed.composed_sir,
+    "ambient_vi": _ambient.ambient_vi,
     "ula": _mcmc.ula,
     "mala": _mcmc.mala,
     "hmc": _mcmc.hmc,
     "nuts": _mcmc.nuts,
+    "pl_mcmc": _pl_mcmc.pl_mcmc,
+    "map": _latent_map.latent_map,
     "neutra_hmc": _composed.neutra_hmc,
 }
 

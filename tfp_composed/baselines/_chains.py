@@ -205,20 +205,31 @@ def run_chains(kernel, init_state, *, clock, seed, num_steps=None, num_samples=1
   offset = 0
   accept_total = np.zeros([num_chains])
 
-  # Warm-up.
-  warm_clock = clock.split(warmup_fraction)
-  warm_seconds = max(0., warm_clock.remaining()) if warm_clock.has_budget else 0.
+  def run_for(steps, num_rec, thin_steps):
+    nonlocal state, results
+    state, results, accept, arrays = timer.timed(
+        runner, steps, state, results, seed, tf.constant(offset), tf.constant(num_rec),
+        tf.constant(thin_steps))
+    return accept, arrays
+
+  # Warm-up. Its share of the budget is taken after the first chunk, which traces.
   t_warm = time.perf_counter()
+  warm_clock = None
   while True:
     left = None if warmup_steps is None else warmup_steps - offset
     if left is not None and left <= 0:
       break
-    steps = _chunk_steps(timer, warm_clock, warm_seconds, left, 1)
+    if timer.calls == 0:
+      steps = 8 if clock.has_budget else left
+      steps = steps if left is None else min(steps, left)
+    else:
+      if warm_clock is None:
+        warm_clock = clock.split(warmup_fraction)
+        warm_seconds = max(0., warm_clock.remaining())
+      steps = _chunk_steps(timer, warm_clock, warm_seconds, left, 1)
     if steps <= 0:
       break
-    state, results, _, _ = timer.timed(
-        runner, steps, state, results, seed, tf.constant(offset), tf.constant(1),
-        tf.constant(steps))
+    run_for(steps, 1, steps)
     offset += steps
   num_warmup = offset
   warmup_seconds = time.perf_counter() - t_warm
@@ -235,38 +246,52 @@ def run_chains(kernel, init_state, *, clock, seed, num_steps=None, num_samples=1
   else:
     step_size = None
 
+  per_step = timer.per_step
   if sampling_kernel is not None:
     kernel, results_fn = sampling_kernel(step_size)
     results = results_fn(state)
     runner = _make_runner(kernel, num_chains, dtype, jit_compile)
     timer = _Timer()
 
-  # Sampling: thin so that about `records_wanted` states per chain are recorded.
+  # Sampling: thin so that about `records_wanted` states per chain are recorded; under a
+  # budget the thinning comes from the time per step, and doubles (keeping every other
+  # record) whenever twice as many records as wanted have been kept.
+  thins = []
   if sampling_steps is not None:
-    thin = max(1, sampling_steps // records_wanted)
-  elif clock.has_budget and timer.per_step is not None:
-    expected = clock.remaining() / timer.per_step
-    thin = max(1, int(expected // records_wanted))
-  else:
-    thin = 1
+    thins.append(sampling_steps // records_wanted)
+  if clock.has_budget and per_step is not None:
+    thins.append(int(max(0., clock.remaining()) / per_step // records_wanted))
+  thin = max(1, min(thins)) if thins else 1
   samp_seconds = max(0., clock.remaining()) if clock.has_budget else 0.
   recorded = [[] for _ in parts]
+  num_recorded = 0
   done = 0
   while True:
-    left = None if sampling_steps is None else (sampling_steps // thin) * thin - done
-    if left is not None and left <= 0:
-      break
-    steps = _chunk_steps(timer, clock, samp_seconds, left, thin)
+    if sampling_steps is None:
+      left = None
+    else:
+      left = sampling_steps - done
+      left -= left % thin
+      if left <= 0:
+        break
+    if timer.calls == 0 and clock.has_budget:
+      steps = thin * max(1, -(-8 // thin))
+      steps = steps if left is None else min(steps, left)
+    else:
+      steps = _chunk_steps(timer, clock, samp_seconds, left, thin)
     if steps <= 0:
       break
-    state, results, accept, arrays = timer.timed(
-        runner, steps, state, results, seed, tf.constant(offset), tf.constant(steps // thin),
-        tf.constant(thin))
+    accept, arrays = run_for(steps, steps // thin, thin)
     for store, a in zip(recorded, arrays):
       store.append(a.numpy())
+    num_recorded += steps // thin
     accept_total += accept.numpy()
     offset += steps
     done += steps
+    if num_recorded >= 2 * records_wanted and sampling_steps is None:
+      recorded = [[np.concatenate(r, axis=0)[1::2]] for r in recorded]
+      num_recorded = recorded[0][0].shape[0]
+      thin *= 2
   if not recorded[0]:
     # No time was left to sample: the warm-up's final state is the only draw.
     recorded = [[p.numpy()[None]] for p in tf.nest.flatten(state)]
