@@ -21,6 +21,8 @@ so fitting `g` needs forward passes of `f` only: never `f^{-1}` nor `f`'s log-de
      https://arxiv.org/abs/2002.11743
 """
 
+import warnings
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -34,7 +36,7 @@ from tfp_composed.targets import validate_prior
 tfb = tfp.bijectors
 tfd = tfp.distributions
 
-__all__ = ["ComposedPosterior", "condition", "validate_prior"]
+__all__ = ["ComposedPosterior", "NegativeElbo", "condition", "validate_prior"]
 
 # Base-mixture components are full-covariance Gaussians up to this latent dimension and
 # diagonal (in the affine stage's whitened coordinates) above it.
@@ -92,6 +94,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
       self._check_pregenerator(pregenerator)
       self._pregenerator = pregenerator
       self._num_components = num_components
+      self._objectives = {}
       size = self._latent_size
       k = self._num_components
       if _state is None:  # Rebuilt copies (`copy()`, slicing) share the variables instead.
@@ -420,14 +423,23 @@ class ComposedPosterior(tfd.TransformedDistribution):
     batch_size = checks.positive_integer(batch_size, "batch_size")
     if init not in ("auto", "laplace", None) or isinstance(init, bool):
       raise ValueError(f"`init` must be 'auto', 'laplace' or None, got {init!r}.")
-    anneal = float(checks.non_negative_integer(anneal_steps, "anneal_steps"))
-    dtype = self.dtype
-
-    def objective(seed, step, shard):
-      weight = (tf.minimum(1., tf.cast(step, tf.float32) / anneal) if anneal > 0
-                else tf.constant(1.))
-      weight = tf.cast(weight, dtype)
-      return self.loss(batch_size, seed, weight, shard=shard), {"likelihood_weight": weight}
+    anneal_steps = checks.non_negative_integer(anneal_steps, "anneal_steps")
+    if batch_size < self._num_components:
+      raise ValueError(
+          f"`batch_size` must be at least `num_components` ({self._num_components}): each "
+          f"step draws the same number of samples from every mixture component; got "
+          f"{batch_size}.")
+    if batch_size % self._num_components:
+      warnings.warn(
+          f"`batch_size` {batch_size} is not a multiple of `num_components` "
+          f"({self._num_components}); each step draws "
+          f"{self.samples_per_component(batch_size) * self._num_components} samples.",
+          stacklevel=2)
+    # One objective object per setting, so repeated fits can reuse its compiled step.
+    key = (batch_size, anneal_steps)
+    if key not in self._objectives:
+      self._objectives[key] = NegativeElbo(self, batch_size, anneal_steps)
+    objective = self._objectives[key]
 
     def on_fresh_start():
       if init == "laplace" or (init == "auto" and not bool(self._initialized.numpy())):
@@ -443,6 +455,39 @@ class ComposedPosterior(tfd.TransformedDistribution):
         jit_compile=jit_compile, checkpoint_dir=checkpoint_dir, verbose=verbose,
         checkpoint_objects={"initialized": self._initialized},
         on_fresh_start=on_fresh_start, on_resume=on_resume, **kwargs)
+
+
+class NegativeElbo:
+  """The composed posterior's training loss, `loss(seed, step, shard) -> (value, logs)`.
+
+      L_t = E_{eps ~ q_base}[log q_base(eps) - log|det dg/deps| - log p_base(z)
+                             - w_t log p(y | f(z))],   z = g(eps),   w_t = min(1, t / T_anneal)
+
+  (`ComposedPosterior.loss` with `batch_size` samples and the likelihood weight `w_t` of step
+  `t`; `w_t = 1` without annealing). The value at `w = 1` is `KL(q || p(. | y)) - log p(y)`.
+
+  Args:
+    posterior: the `ComposedPosterior`.
+    batch_size: samples per step.
+    anneal_steps: `T_anneal`; 0 for no annealing.
+  """
+
+  def __init__(self, posterior, batch_size, anneal_steps=0):
+    self.posterior = posterior
+    self.batch_size = checks.positive_integer(batch_size, "batch_size")
+    self.anneal_steps = checks.non_negative_integer(anneal_steps, "anneal_steps")
+
+  def likelihood_weight(self, step):
+    """`w_t` for optimizer step `t`."""
+    if not self.anneal_steps:
+      return tf.ones([], self.posterior.dtype)
+    weight = tf.minimum(1., tf.cast(step, tf.float32) / float(self.anneal_steps))
+    return tf.cast(weight, self.posterior.dtype)
+
+  def __call__(self, seed, step, shard=None):
+    weight = self.likelihood_weight(step)
+    value = self.posterior.loss(self.batch_size, seed, weight, shard=shard)
+    return value, {"likelihood_weight": weight}
 
 
 def _default_pregenerator(latent_shape, dtype):
