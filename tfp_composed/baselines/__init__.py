@@ -99,6 +99,7 @@ def run(method, prior, likelihood, observation, *, budget_seconds=None, num_step
   Returns:
     A `Result`.
   """
+  clock = Clock(None)
   if not isinstance(method, str) or method not in METHODS:
     raise ValueError(
         f"`method` must be one of {sorted(METHODS)}, got {method!r}.")
@@ -114,7 +115,8 @@ def run(method, prior, likelihood, observation, *, budget_seconds=None, num_step
   if num_samples is None:
     num_samples = _DEFAULT_NUM_SAMPLES.get(method, 1000)
   num_samples = checks.positive_integer(num_samples, "num_samples")
-  clock = Clock(budget_seconds)
+  if budget_seconds is not None:
+    clock = Clock(start=clock.start, deadline=clock.start + budget_seconds)
   target = targets_lib.LatentTarget(prior, likelihood, observation)
   if target.observation_batch_shape.rank != 0:
     raise ValueError(

@@ -149,11 +149,18 @@ class _Timer:
 
 
 def _chunk_steps(timer, clock, phase_seconds, planned_left, unit):
-  """Steps for the next chunk (a multiple of `unit`), or 0 to stop."""
+  """Steps for the next chunk (a multiple of `unit`), or 0 to stop.
+
+  Without a budget: all planned steps at once. With one, the first two chunks are short (the
+  first traces, the second measures the time per step); later ones aim at `_CHUNK_SHARE` of
+  the phase and never run past the deadline by the measured time per step.
+  """
   if not clock.has_budget:
     steps = planned_left
-  elif timer.calls == 0:
-    steps = unit * max(1, -(-8 // unit))  # A short first chunk: measure, then size.
+  elif clock.expired():
+    return 0
+  elif timer.calls < 2:
+    steps = unit * max(1, -(-8 // unit))
   else:
     left = clock.remaining()
     target = min(_MAX_CHUNK_SECONDS, max(_MIN_CHUNK_SECONDS, _CHUNK_SHARE * phase_seconds))
@@ -179,8 +186,10 @@ def run_chains(kernel, init_state, *, clock, seed, num_steps=None, num_samples=1
     num_samples: draws wanted in total across chains.
     adapt: whether `kernel` is a dual-averaging adaptation kernel (its step size is frozen
       after warm-up).
-    sampling_kernel: `fn(step_size) -> (kernel, results_fn)` to switch kernels after warm-up
-      (ULA); `results_fn(state)` bootstraps it.
+    sampling_kernel: `(kernel, set_step_size)` to switch kernels after warm-up (ULA):
+      `set_step_size(adapted_step_size)` is called at the switch (the kernel should read its
+      step size from a `tf.Variable`), and the kernel is traced before the warm-up starts so
+      that its tracing is not charged to the sampling phase.
     warmup_fraction: share of the steps (or the time) spent in warm-up.
     jit_compile: compile chunks with XLA.
     num_records: recorded draws per chain (default `max(ceil(num_samples / C), 64)`).
@@ -202,6 +211,12 @@ def run_chains(kernel, init_state, *, clock, seed, num_steps=None, num_samples=1
   results = kernel.bootstrap_results(state)
   runner = _make_runner(kernel, num_chains, dtype, jit_compile)
   timer = _Timer()
+  if sampling_kernel is not None:
+    next_kernel, set_step_size = sampling_kernel
+    next_runner = _make_runner(next_kernel, num_chains, dtype, jit_compile)
+    next_runner.get_concrete_function(
+        state, next_kernel.bootstrap_results(state), seed, tf.constant(0), tf.constant(1),
+        tf.constant(1))
   offset = 0
   accept_total = np.zeros([num_chains])
 
@@ -220,8 +235,7 @@ def run_chains(kernel, init_state, *, clock, seed, num_steps=None, num_samples=1
     if left is not None and left <= 0:
       break
     if timer.calls == 0:
-      steps = 8 if clock.has_budget else left
-      steps = steps if left is None else min(steps, left)
+      steps = _chunk_steps(timer, clock, 0., left, 1)
     else:
       if warm_clock is None:
         warm_clock = clock.split(warmup_fraction)
@@ -248,10 +262,11 @@ def run_chains(kernel, init_state, *, clock, seed, num_steps=None, num_samples=1
 
   per_step = timer.per_step
   if sampling_kernel is not None:
-    kernel, results_fn = sampling_kernel(step_size)
-    results = results_fn(state)
-    runner = _make_runner(kernel, num_chains, dtype, jit_compile)
+    set_step_size(step_size)
+    kernel, runner = next_kernel, next_runner
+    results = kernel.bootstrap_results(state)
     timer = _Timer()
+    timer.calls = 1  # Traced already: the next chunk measures.
 
   # Sampling: thin so that about `records_wanted` states per chain are recorded; under a
   # budget the thinning comes from the time per step, and doubles (keeping every other
@@ -274,11 +289,7 @@ def run_chains(kernel, init_state, *, clock, seed, num_steps=None, num_samples=1
       left -= left % thin
       if left <= 0:
         break
-    if timer.calls == 0 and clock.has_budget:
-      steps = thin * max(1, -(-8 // thin))
-      steps = steps if left is None else min(steps, left)
-    else:
-      steps = _chunk_steps(timer, clock, samp_seconds, left, thin)
+    steps = _chunk_steps(timer, clock, samp_seconds, left, thin)
     if steps <= 0:
       break
     accept, arrays = run_for(steps, steps // thin, thin)

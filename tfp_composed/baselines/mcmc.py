@@ -124,12 +124,14 @@ def ula(problem, *, clock, num_steps, seed, num_samples, num_chains=_DEFAULT_CHA
   kernel = tfp.mcmc.DualAveragingStepSizeAdaptation(
       _chains.StepSizeInResults(mala_kernel, _step(problem, step_size)),
       num_adaptation_steps=2**30, target_accept_prob=tf.constant(0.574, problem.dtype))
-  ula_step = []
+  ula_step = tf.Variable(tf.constant(step_size, problem.dtype), trainable=False,
+                         name="ula_step_size")
 
-  def sampling_kernel(h):
-    ula_step.append(float(h) * factor)
-    langevin = tfp.mcmc.UncalibratedLangevin(target, step_size=h * factor)
-    return langevin, langevin.bootstrap_results
+  def set_step_size(h_mala):
+    ula_step.assign(tf.cast(h_mala, problem.dtype) * factor)
+
+  sampling_kernel = (tfp.mcmc.UncalibratedLangevin(target, step_size=ula_step),
+                     set_step_size)
 
   x, info = sample_latent_chains(
       problem, kernel, _init(problem, num_chains, seed), clock=clock, num_steps=num_steps,
@@ -137,7 +139,7 @@ def ula(problem, *, clock, num_steps, seed, num_samples, num_chains=_DEFAULT_CHA
       warmup_fraction=warmup_fraction, jit_compile=jit_compile,
       sampling_kernel=sampling_kernel)
   info["mala_step_size"] = info["step_size"]
-  info["step_size"] = ula_step[0]
+  info["step_size"] = float(ula_step.numpy())
   info["acceptance"] = 1.  # Every ULA proposal is taken.
   info.pop("acceptance_per_chain")
   return x, None, info
