@@ -11,7 +11,6 @@ than the target by a factor `r` in scale gives weights with Pareto tail index `k
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_probability as tfp
 
 import problems

@@ -110,13 +110,14 @@ def k_hat_threshold(num_samples):
 
 def pareto_k_hat(log_weights):
   """PSIS Pareto shape `k-hat` of finite log-weights (ArviZ's `psislw`)."""
-  import arviz  # pylint: disable=g-import-not-at-top  # Heavy; only needed here.
   lw = np.asarray(log_weights, np.float64).reshape(-1)
   lw = lw[np.isfinite(lw)]
   if lw.size < 5:
     return float("inf")
   with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # ArviZ warns for k-hat > 0.7; `trustworthy` says it.
+    # ArviZ announces its refactor on import and warns for k-hat > 0.7 (`trustworthy` says so).
+    warnings.simplefilter("ignore")
+    import arviz  # pylint: disable=g-import-not-at-top  # Heavy; only needed here.
     _, k_hat = arviz.psislw(lw - lw.max())
   return float(np.asarray(k_hat).reshape(-1)[0])
 

@@ -17,7 +17,6 @@ would end past the deadline is shortened or not run.
 """
 
 import collections
-import math
 import time
 
 import numpy as np
