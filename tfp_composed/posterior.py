@@ -417,7 +417,8 @@ class ComposedPosterior(tfd.TransformedDistribution):
 
     Returns:
       A `tf_keras.callbacks.History` whose `history` holds per-step `loss`, `grad_norm` and
-      `likelihood_weight`.
+      `likelihood_weight`, and whose `diagnostics` holds `diagnose()`'s result when
+      `verbose` (None otherwise).
     """
     from tfp_composed import training  # pylint: disable=g-import-not-at-top
     batch_size = checks.positive_integer(batch_size, "batch_size")
@@ -449,12 +450,25 @@ class ComposedPosterior(tfd.TransformedDistribution):
       if init == "laplace":
         self.initialize(seed=seed)
 
-    return training.fit(
+    history = training.fit(
         objective, self.trainable_variables, num_steps=num_steps,
         learning_rate=learning_rate, seed=seed, callbacks=callbacks, strategy=strategy,
         jit_compile=jit_compile, checkpoint_dir=checkpoint_dir, verbose=verbose,
         checkpoint_objects={"initialized": self._initialized},
         on_fresh_start=on_fresh_start, on_resume=on_resume, **kwargs)
+    # With `verbose`, one line of importance-weight diagnostics (`diagnose`), also kept on
+    # the history; None when silent.
+    history.diagnostics = self.diagnose(seed=seed) if verbose else None
+    if verbose:
+      print(f"diagnostics: {history.diagnostics.summary()}")
+    return history
+
+  def diagnose(self, num_samples=4096, seed=0, batch_size=1024):
+    """Importance-weight diagnostics of `q` against the latent target: ELBO, IW bound on
+    `log p(y)`, ESS, PSIS k-hat and `trustworthy` (see `tfc.diagnostics.diagnose`)."""
+    from tfp_composed import diagnostics  # pylint: disable=g-import-not-at-top
+    return diagnostics.diagnose(self, num_samples=num_samples, seed=seed,
+                                batch_size=batch_size)
 
 
 class NegativeElbo:
