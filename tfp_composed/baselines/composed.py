@@ -3,6 +3,11 @@
 * `composed`: `ComposedPosterior(prior, likelihood, y).fit(...)` with `fit()`'s defaults
   (Laplace start, its number of steps, batch size and learning rate) [1], stopped early by a
   callback when the budget runs out; then `num_samples` draws with exact `log q(x)`.
+
+All three accept `posterior=` (a fitted `ComposedPosterior` of the same prior and observation,
+e.g. `info["posterior"]` of an earlier run) to skip the fit, and otherwise the
+`ComposedPosterior` options `num_components`, `pregenerator` and any `fit` argument
+(`neutra_hmc`: in `fit_options`).
 * `composed_sir`: sampling-importance-resampling [2] from the fitted `q`: `M = num_proposals`
   (default `10 n`) latents `z_j ~ q(z)` with `log q(z_j)` from `g`'s forward pass,
   `log w_j = t(z_j) - log q(z_j)`, and `n` multinomial draws with probabilities
@@ -47,10 +52,29 @@ _SAMPLING_RESERVE = 0.05
 def fit_composed(problem, clock, num_steps, seed, options):
   """Builds and fits a `ComposedPosterior`; returns `(posterior, info)`.
 
-  The fit stops at `num_steps` (default: `fit()`'s) or when `clock` runs out.
+  The fit stops at `num_steps` (default: `fit()`'s) or when `clock` runs out. With the
+  option `posterior` (a fitted `ComposedPosterior` of the same prior and observation), that
+  posterior is used as it is and nothing is fitted.
   """
   from tfp_composed import posterior as posterior_lib  # pylint: disable=g-import-not-at-top
   options = dict(options)
+  given = options.pop("posterior", None)
+  if given is not None:
+    if not isinstance(given, posterior_lib.ComposedPosterior):
+      raise TypeError(
+          f"`posterior` must be a tfc.ComposedPosterior, got {type(given).__name__}.")
+    if given.prior is not problem.prior or not np.array_equal(
+        given.observation.numpy(), problem.observation.numpy()):
+      raise ValueError(
+          "`posterior` must be a ComposedPosterior of the same `prior` object and the same "
+          "`observation` as this run.")
+    if options:
+      raise ValueError(
+          f"`posterior` is already fitted: fit options {sorted(options)} cannot apply.")
+    return given, {"posterior": given, "losses": np.zeros([0]), "num_fit_steps": 0,
+                   "stopped_by_budget": False,
+                   "num_parameters": _core.num_parameters(given.trainable_variables),
+                   "history": None}
   posterior_kwargs = {k: options.pop(k) for k in _POSTERIOR_OPTIONS if k in options}
   posterior = posterior_lib.ComposedPosterior(
       problem.prior, problem.likelihood, problem.observation, **posterior_kwargs)
@@ -126,13 +150,16 @@ def composed_sir(problem, *, clock, num_steps, seed, num_samples, num_proposals=
 
 
 def neutra_hmc(problem, *, clock, num_steps, seed, num_samples, fit_fraction=0.5,
-               fit_options=None, num_chains=64, step_size=0.5, num_leapfrog_steps=4,
+               fit_options=None, posterior=None, num_chains=64, step_size=0.5, num_leapfrog_steps=4,
                target_accept=0.8, warmup_fraction=0.5, jit_compile=False):
   """HMC through the fitted pre-generator (see the module docstring)."""
   fit_fraction = _core.unit_interval(fit_fraction, "fit_fraction")
   num_chains = checks.positive_integer(num_chains, "num_chains")
+  fit_options = dict(fit_options or {})
+  if posterior is not None:
+    fit_options["posterior"] = posterior
   posterior, fit_info = fit_composed(problem, clock.split(fit_fraction), None, seed,
-                                     fit_options or {})
+                                     fit_options)
   inner = tfp.mcmc.HamiltonianMonteCarlo(
       problem.target.log_prob,
       step_size=tf.constant(checks.positive_number(step_size, "step_size"), problem.dtype),
