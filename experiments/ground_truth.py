@@ -80,6 +80,9 @@ MAX_ATTEMPTS = 2
 # A run is flagged as over its budget past `factor * budget + slack` seconds (the tolerance
 # of the baselines' own budget test).
 OVERRUN_FACTOR, OVERRUN_SLACK = 1.1, 1.5
+# Largest sample size of the energy statistics (`problem.score`'s `num_energy`). For a wrong
+# `q` the energy ratio grows like the sample size, so ratios of different sizes do not compare.
+NUM_ENERGY = 1000
 # Scores copied into each line.
 SCORE_KEYS = ("kl", "kl_stderr", "energy", "energy_floor", "energy_ratio",
               "energy_ratio_stderr", "mean_error", "mode_mass_error", "mode_mass_stderr",
@@ -212,7 +215,7 @@ def run_cell(problem, label, method, budget, *, seed, num_samples, options=None)
     stage = "score"
     score0 = time.perf_counter()
     x = np.reshape(result.x, [result.x.shape[0], -1])
-    scores = problem.score(x, result.log_prob, seed=seed)
+    scores = problem.score(x, result.log_prob, seed=seed, num_energy=NUM_ENERGY)
     record["score_seconds"] = time.perf_counter() - score0
     record["scores"] = {k: _finite_or_none(scores[k]) for k in SCORE_KEYS if k in scores}
     if "mode_masses" in scores:
@@ -356,8 +359,35 @@ def _ok(record):
   return record is not None and record["status"] == "ok"
 
 
+def _energy_size(record):
+  """The sample size `m` of a record's energy statistics."""
+  s = record["scores"]
+  return min(NUM_ENERGY, int(round(s["num_samples"] * (1. - s["nonfinite_fraction"]))))
+
+
+def unranked_reason(record):
+  """Why a finished record is left out of the ranking (None: it is ranked).
+
+  A record is ranked when its energy ratio was computed at the common sample size
+  `min(num_samples, NUM_ENERGY)` and its draws are not just the chains' warm-up states.
+  """
+  if not _ok(record):
+    return None
+  if record.get("info", {}).get("num_sampling_steps") == 0:
+    return "no sampling steps: the draws are the warm-up's last states"
+  wanted = min(record["num_samples_asked"], NUM_ENERGY)
+  if _energy_size(record) < wanted:
+    return (f"energy ratio from {_energy_size(record)} draws, not {wanted}: it does not "
+            "compare with the others")
+  return None
+
+
+def _ranked(record):
+  return _ok(record) and unranked_reason(record) is None
+
+
 def _score(record, key):
-  return record["scores"].get(key) if _ok(record) else None
+  return record["scores"].get(key) if _ranked(record) else None
 
 
 def _overran(record):
@@ -391,9 +421,11 @@ def _paragraph(label, by_budget, methods):
   """What the table says, built from the numbers."""
   sentences = []
   for budget, records in by_budget.items():
-    ok = {m: r for m, r in records.items() if _ok(r)}
+    ok = {m: r for m, r in records.items() if _ranked(r)}
+    unranked = [m for m, r in records.items() if _ok(r) and not _ranked(r)]
     if not ok:
-      sentences.append(f"At {budget:g} s no method finished.")
+      sentences.append(f"At {budget:g} s no method finished with comparable draws" + (
+          f" (not ranked: {', '.join(unranked)})." if unranked else "."))
       continue
     ranking = sorted(ok, key=lambda m: ok[m]["scores"]["energy_ratio"])
     best = ranking[0]
@@ -416,7 +448,7 @@ def _paragraph(label, by_budget, methods):
     elif best == "composed":
       text += " The composed posterior is best here."
     elif "composed" in records:
-      text += " The composed posterior failed here."
+      text += " The composed posterior is not ranked here."
     with_kl = {m: r for m, r in ok.items() if r["scores"].get("kl") is not None}
     if with_kl:
       kl_best = min(with_kl, key=lambda m: with_kl[m]["scores"]["kl"])
@@ -434,6 +466,8 @@ def _paragraph(label, by_budget, methods):
       if "composed" in with_modes and mode_best != "composed":
         text += f", composed {_fmt(with_modes['composed']['scores']['mode_mass_error'])}"
       text += "."
+    if unranked:
+      text += " Not ranked (see the notes): " + ", ".join(unranked) + "."
     failed = [m for m, r in records.items() if not _ok(r)]
     if failed:
       text += " Failed: " + ", ".join(failed) + "."
@@ -453,8 +487,8 @@ def problem_table(label, records, methods, budgets):
   by_budget = {b: {m: records[(m, b)] for m in methods if (m, b) in records} for b in budgets}
   header = ["method"]
   for b in budgets:
-    header += [f"{b:g} s: KL ± se", "energy ratio ± se", "mode err", "non-finite", "wall s",
-               "CPU s"]
+    header += [f"{b:g} s: KL ± se", "energy ratio ± se", "mode err", "non-finite", "draws",
+               "wall s", "CPU s"]
   rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   best_energy = {b: _best(by_budget[b], "energy_ratio") for b in budgets}
   best_kl = {b: _best(by_budget[b], "kl") for b in budgets}
@@ -467,22 +501,27 @@ def problem_table(label, records, methods, budgets):
     for b in budgets:
       r = records.get((m, b))
       if r is None:
-        cells += ["not run"] + [""] * 5
+        cells += ["not run"] + [""] * 6
         continue
       if not _ok(r):
-        cells += ["failed", "failed", "—", "—", _fmt(r.get("wall_seconds")),
+        cells += ["failed", "failed", "—", "—", "—", _fmt(r.get("wall_seconds")),
                   _fmt(r.get("cpu_seconds"))]
         notes.append(f"{m} at {b:g} s failed ({r.get('error_stage')}): "
                      f"`{r['error'].splitlines()[0][:300]}`")
         continue
       s = r["scores"]
       wall = _fmt(r["wall_seconds"]) + (" †" if _overran(r) else "")
+      reason = unranked_reason(r)
+      energy = _pm(s["energy_ratio"], s.get("energy_ratio_stderr")) + (" ‡" if reason else "")
       cells += [
           _bold(_pm(s.get("kl"), s.get("kl_stderr")), best_kl[b] == m),
-          _bold(_pm(s["energy_ratio"], s.get("energy_ratio_stderr")), best_energy[b] == m),
+          _bold(energy, best_energy[b] == m),
           _bold(_fmt(s.get("mode_mass_error")), best_mode[b] == m),
-          _fmt(s["nonfinite_fraction"]), wall, _fmt(r["cpu_seconds"])]
-      if r["num_draws"] < r["num_samples_asked"]:
+          _fmt(s["nonfinite_fraction"]), str(r["num_draws"]), wall, _fmt(r["cpu_seconds"])]
+      if reason:
+        notes.append(f"‡ {m} at {b:g} s is not ranked: {reason} ({r['num_draws']} of "
+                     f"{r['num_samples_asked']} draws returned).")
+      elif r["num_draws"] < r["num_samples_asked"]:
         notes.append(f"{m} at {b:g} s returned {r['num_draws']} of {r['num_samples_asked']} "
                      "draws.")
     rows.append("| " + " | ".join(cells) + " |")
@@ -500,7 +539,7 @@ def _overall(tables):
   wins, composed_ranks = {}, []
   for label, by_budget in tables.items():
     for budget, records in by_budget.items():
-      ok = {m: r for m, r in records.items() if _ok(r)}
+      ok = {m: r for m, r in records.items() if _ranked(r)}
       if not ok:
         continue
       ranking = sorted(ok, key=lambda m: ok[m]["scores"]["energy_ratio"])
@@ -535,7 +574,7 @@ def write_report(output_dir, report_path, *, seed, num_samples, command=None):
              f"{num_samples} draws asked of each method).")
   out.append("")
   if command:
-    out += ["Command:", "", "```", command, "```", ""]
+    out += ["Report written by:", "", "```", command, "```", ""]
   if sessions:
     out.append("Sessions (a resumed run adds one):")
     out.append("")
@@ -562,7 +601,10 @@ def write_report(output_dir, report_path, *, seed, num_samples, command=None):
       f"call's wall and process CPU seconds († over {OVERRUN_FACTOR:g} x budget + "
       f"{OVERRUN_SLACK:g} s). Bold: the lowest value of the column at that budget; the best "
       "method of a problem and budget is the one with the lowest energy ratio, the one score "
-      "every method has.", ""]
+      "every method has, among the ranked rows: ‡ marks a row left out of the ranking (its energy "
+      f"ratio comes from fewer than min(draws asked, {NUM_ENERGY}) draws — for a wrong q the "
+      "ratio grows with the sample size, so it flatters small samples — or an MCMC run made "
+      "no sampling step and returned its warm-up states).", ""]
   by_problem = {}
   for label in _ordered(records, list(tfc.problems.PROBLEMS)):
     recs = records[label]

@@ -105,21 +105,25 @@ def test_a_method_that_raises_and_a_dead_cell_are_recorded_as_failures(tmp_path)
   assert "no method finished" in text
 
 
-def _record(method, energy, kl=None, mode=None, wall=2., budget=2.):
-  scores = {"energy_ratio": energy, "energy_ratio_stderr": 0.1, "nonfinite_fraction": 0.}
+def _record(method, energy, kl=None, mode=None, wall=2., budget=2., draws=10, info=None):
+  scores = {"energy_ratio": energy, "energy_ratio_stderr": 0.1, "nonfinite_fraction": 0.,
+            "num_samples": draws}
   if kl is not None:
     scores.update(kl=kl, kl_stderr=0.01)
   if mode is not None:
     scores.update(mode_mass_error=mode, mode_mass_stderr=0.01)
   return {"problem": "p", "dim": 4, "method": method, "budget_seconds": budget, "seed": 0,
           "num_samples_asked": 10, "options": {}, "status": "ok", "wall_seconds": wall,
-          "cpu_seconds": 1., "num_draws": 10, "scores": scores}
+          "cpu_seconds": 1., "num_draws": draws, "scores": scores, "info": info or {}}
 
 
 def test_report_bold_and_sentences_follow_the_numbers(tmp_path):
   records = [_record("composed", 4.2, kl=0.5, mode=0.3, wall=9.),
              _record("ambient_vi", 8.4, kl=0.2, mode=0.05),
-             _record("nuts", 1.4, mode=0.1)]
+             _record("nuts", 1.4, mode=0.1),
+             # Lower ratios, but not comparable: warm-up states only, and fewer draws.
+             _record("hmc", 1.1, mode=0.01, info={"num_sampling_steps": 0}),
+             _record("ula", 1.2, mode=0.02, draws=5)]
   for r in records:
     ground_truth.append_line(str(tmp_path / ground_truth.RUNS_FILE), r)
   text = ground_truth.write_report(str(tmp_path), str(tmp_path / "r.md"), seed=0,
@@ -129,6 +133,11 @@ def test_report_bold_and_sentences_follow_the_numbers(tmp_path):
   assert "**1.4 ± 0.1**" in rows["nuts"]       # Lowest energy ratio.
   assert "**0.2 ± 0.01**" in rows["ambient_vi"] and "**0.05**" in rows["ambient_vi"]
   assert "**" not in rows["composed"]
+  assert "**" not in rows["hmc"] and "1.1 ± 0.1 ‡" in rows["hmc"]
+  assert "**" not in rows["ula"] and "1.2 ± 0.1 ‡" in rows["ula"]
+  assert "hmc at 2 s is not ranked: no sampling steps" in text
+  assert "ula at 2 s is not ranked: energy ratio from 5 draws, not 10" in text
+  assert "Not ranked (see the notes): ula, hmc." in text
   assert "9 †" in rows["composed"]              # Over 1.1 x 2 s + 1.5 s.
   assert "the lowest energy ratio is nuts's (1.4 ± 0.1" in text
   assert "The composed posterior is second of 3: energy ratio 4.2, 3.0 times the best." in text
