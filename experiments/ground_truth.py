@@ -548,12 +548,23 @@ def _overall(tables):
         composed_ranks.append((label, budget, ranking.index("composed") + 1, len(ranking)))
   if not wins:
     return "No cell has finished yet."
+  finished = [r for by_budget in tables.values() for records in by_budget.values()
+              for r in records.values()]
   total = sum(wins.values())
   text = "Lowest energy ratio, over the " + f"{total} (problem, budget) pairs: " + ", ".join(
       f"{m} {n}" for m, n in sorted(wins.items(), key=lambda kv: -kv[1])) + "."
   if composed_ranks:
     text += " The composed posterior's rank: " + "; ".join(
         f"{label} {budget:g} s: {rank} of {n}" for label, budget, rank, n in composed_ranks) + "."
+  for name, flagged in (("Not ranked", [r for r in finished if _ok(r) and not _ranked(r)]),
+                        ("Over the budget", [r for r in finished if _overran(r)]),
+                        ("Failed", [r for r in finished if not _ok(r)])):
+    if flagged:
+      counts = {}
+      for r in flagged:
+        counts[r["method"]] = counts.get(r["method"], 0) + 1
+      text += (f" {name}: {len(flagged)} of {len(finished)} cells ("
+               + ", ".join(f"{m} {n}" for m, n in counts.items()) + ").")
   return text
 
 
@@ -601,8 +612,8 @@ def write_report(output_dir, report_path, *, seed, num_samples, command=None):
       f"call's wall and process CPU seconds († over {OVERRUN_FACTOR:g} x budget + "
       f"{OVERRUN_SLACK:g} s). Bold: the lowest value of the column at that budget; the best "
       "method of a problem and budget is the one with the lowest energy ratio, the one score "
-      "every method has, among the ranked rows: ‡ marks a row left out of the ranking (its energy "
-      f"ratio comes from fewer than min(draws asked, {NUM_ENERGY}) draws — for a wrong q the "
+      "every method has, among the ranked rows: ‡ marks a row left out of the ranking (its "
+      f"energy ratio comes from fewer than min(draws asked, {NUM_ENERGY}) draws — for a wrong q the "
       "ratio grows with the sample size, so it flatters small samples — or an MCMC run made "
       "no sampling step and returned its warm-up states).", ""]
   by_problem = {}
