@@ -423,6 +423,9 @@ def _paragraph(label, by_budget, methods):
   for budget, records in by_budget.items():
     ok = {m: r for m, r in records.items() if _ranked(r)}
     unranked = [m for m, r in records.items() if _ok(r) and not _ranked(r)]
+    if not records:
+      sentences.append(f"At {budget:g} s nothing has run yet.")
+      continue
     if not ok:
       sentences.append(f"At {budget:g} s no method finished with comparable draws" + (
           f" (not ranked: {', '.join(unranked)})." if unranked else "."))
@@ -621,7 +624,14 @@ def write_report(output_dir, report_path, *, seed, num_samples, command=None):
     recs = records[label]
     by_problem[label] = {b: {m: recs[(m, b)] for m in methods if (m, b) in recs}
                          for b in budgets}
-  out += ["## Summary", "", _overall(by_problem), ""]
+  pending = sum(1 for label, by_budget in by_problem.items() for budget in budgets
+                for m in methods if (m, budget) not in records[label]
+                and any((m, b) in records[label] for b in budgets))
+  summary = _overall(by_problem)
+  if pending:
+    summary += (f" Not run yet: {pending} cells of this grid (the session's command resumes "
+                "the run).")
+  out += ["## Summary", "", summary, ""]
   not_applicable_methods = {}
   for l in all_lines:
     if l["status"] == "not_applicable":
