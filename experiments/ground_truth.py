@@ -53,24 +53,31 @@ import numpy as np
 import tfp_composed as tfc
 from tfp_composed.baselines import pl_mcmc as pl_mcmc_lib
 
-_PROBLEMS = flags.DEFINE_list("problems", list(tfc.problems.PROBLEMS),
-                              "Ground-truth problems (tfc.problems.PROBLEMS).")
-_METHODS = flags.DEFINE_list("methods", list(tfc.baselines.METHODS),
-                             "Methods (tfc.baselines.METHODS); those that do not apply to a "
-                             "problem are listed as such.")
-_BUDGETS = flags.DEFINE_list("budgets", ["15", "60"], "Wall-clock budgets in seconds.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2000, "Draws asked of each method.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of every method and of the scores.")
-_NUM_BLOCKS = flags.DEFINE_integer("num_blocks", None,
-                                   "Blocks of the block problems (default: theirs, 8).")
-_METHOD_OPTIONS = flags.DEFINE_string(
-    "method_options", "{}", "JSON: per-method options for tfc.baselines.run, e.g. "
-    "'{\"composed\": {\"init\": null}}' (default: every method's defaults).")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/ground_truth",
-                                  "Directory of runs.jsonl (resumed if present).")
-_REPORT = flags.DEFINE_string("report", "results/ground_truth.md", "Markdown report path.")
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False,
-                                 "Only write the report from the existing runs.jsonl.")
+
+def define_flags():
+  """Defines the command-line flags (only when run as a program, so that importing this
+  module next to other experiments defines no clashing flags)."""
+  global _PROBLEMS, _METHODS, _BUDGETS, _NUM_SAMPLES, _SEED, _NUM_BLOCKS  # pylint: disable=global-statement
+  global _METHOD_OPTIONS, _OUTPUT_DIR, _REPORT, _REPORT_ONLY  # pylint: disable=global-statement
+  _PROBLEMS = flags.DEFINE_list("problems", list(tfc.problems.PROBLEMS),
+                                "Ground-truth problems (tfc.problems.PROBLEMS).")
+  _METHODS = flags.DEFINE_list("methods", list(tfc.baselines.METHODS),
+                               "Methods (tfc.baselines.METHODS); those that do not apply to a "
+                               "problem are listed as such.")
+  _BUDGETS = flags.DEFINE_list("budgets", ["15", "60"], "Wall-clock budgets in seconds.")
+  _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2000, "Draws asked of each method.")
+  _SEED = flags.DEFINE_integer("seed", 0, "Seed of every method and of the scores.")
+  _NUM_BLOCKS = flags.DEFINE_integer("num_blocks", None,
+                                     "Blocks of the block problems (default: theirs, 8).")
+  _METHOD_OPTIONS = flags.DEFINE_string(
+      "method_options", "{}", "JSON: per-method options for tfc.baselines.run, e.g. "
+      "'{\"composed\": {\"init\": null}}' (default: every method's defaults).")
+  _OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/ground_truth",
+                                    "Directory of runs.jsonl (resumed if present).")
+  _REPORT = flags.DEFINE_string("report", "results/ground_truth.md", "Markdown report path.")
+  _REPORT_ONLY = flags.DEFINE_bool("report_only", False,
+                                   "Only write the report from the existing runs.jsonl.")
+
 
 RUNS_FILE = "runs.jsonl"
 ATTEMPTS_FILE = "attempts.jsonl"
@@ -694,4 +701,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
