@@ -12,7 +12,7 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY_SUBMODULES = ("operators", "likelihoods", "pregenerators", "posterior", "training",
-                    "baselines", "export", "data", "priors")
+                    "baselines", "export", "data", "priors", "problems")
 
 
 def __getattr__(name):
