@@ -30,7 +30,8 @@ PROBLEMS = ("bimodal_blocks", "nonlinear_blocks", "linear_gaussian_64",
             "rotated_bimodal_blocks", "rotated_nonlinear_blocks")
 
 # The defaults before the mode-coverage work, as options of the current code.
-OLD = dict(posterior=dict(base="mixture", num_components=8), fit=dict(init="laplace"))
+OLD = dict(posterior=dict(base="mixture", num_components=8),
+           fit=dict(init="laplace", anneal_steps=0, forward_weight=0.))
 NEW = dict(posterior={}, fit={})
 
 
