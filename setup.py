@@ -25,6 +25,7 @@ setuptools.setup(
         "matplotlib>=3.8",
         "numpy>=1.26",
         "scikit-learn>=1.4",
+        "scipy>=1.11",
         "psutil>=5.9",
         "tensorboard>=2.20",
     ],

@@ -1,28 +1,52 @@
 """Property tests over the pre-generator registry: one line in REGISTRY adds a bijector here."""
 
+import collections
+
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_probability as tfp
 
 from tfp_composed import pregenerators
 
+tfd = tfp.distributions
+
 NAMES = sorted(pregenerators.REGISTRY)
 
+# Everything in a pre-generator that is evaluated to transform a batch: its networks and the
+# affine stage's scale operator. The one-pass tests count calls of these.
+_EVALUATED = [
+    (pregenerators._DenseNet, "__call__"),  # pylint: disable=protected-access
+    (pregenerators._ConvNet, "__call__"),  # pylint: disable=protected-access
+    (pregenerators.AffineStage, "scale_operator"),
+]
 
-def _build(name):
+
+def _build(name, **kwargs):
   shape, builder = pregenerators.REGISTRY[name]
-  return builder(shape), list(shape)
+  return builder(shape, **kwargs), list(shape)
 
 
-def _perturbed(name, scale=0.3, seed=0):
+def _perturbed(name, scale=0.3, seed=0, **kwargs):
   """A registry bijector with every variable moved away from its identity initialization."""
-  bijector, shape = _build(name)
+  bijector, shape = _build(name, **kwargs)
   rng = np.random.RandomState(seed)
   for v in bijector.trainable_variables:
-    v.assign(v + scale * rng.randn(*v.shape).astype(np.float32))
-    if getattr(v, "constraint", None) is not None:  # MADE's autoregressive masks.
-      v.assign(v.constraint(v))
+    v.assign(v + scale * rng.randn(*v.shape).astype(v.dtype.as_numpy_dtype))
   return bijector, shape
+
+
+def _flat_jacobian_and_log_det(bijector, shape, x_flat):
+  """Autodiff Jacobian of the flattened forward map at `x_flat` `[n, D]`, and the bijector's
+  forward log-det there (computed on a separate tensor, so without the cache)."""
+  n, size = x_flat.shape
+  with tf.GradientTape() as tape:
+    tape.watch(x_flat)
+    y = tf.reshape(bijector.forward(tf.reshape(x_flat, [n] + shape)), [n, size])
+  jacobian = tape.batch_jacobian(y, x_flat)
+  fldj = bijector.forward_log_det_jacobian(tf.reshape(x_flat, [n] + shape),
+                                           event_ndims=len(shape))
+  return jacobian, fldj
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -46,22 +70,17 @@ def test_bijective_and_finite(name):
   np.testing.assert_allclose(x_back, x, atol=2e-4)
   fldj = bijector.forward_log_det_jacobian(tf.identity(x), event_ndims=len(shape))
   ildj = bijector.inverse_log_det_jacobian(tf.identity(y), event_ndims=len(shape))
+  assert np.abs(fldj.numpy()).max() > 1e-2, "perturbation left the log-det at zero"
   np.testing.assert_allclose(fldj, -ildj, atol=2e-4)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_log_det_matches_autodiff_jacobian(name):
   bijector, shape = _perturbed(name, seed=1)
-  size = int(np.prod(shape))
-  x = tf.random.stateless_normal([4, size], seed=[5, 6], dtype=tf.float64)
-  with tf.GradientTape() as tape:
-    tape.watch(x)
-    y = tf.reshape(bijector.forward(tf.cast(tf.reshape(x, [4] + shape), tf.float32)), [4, size])
-    y = tf.cast(y, tf.float64)
-  jacobian = tape.batch_jacobian(y, x)
-  _, expected = np.linalg.slogdet(jacobian.numpy())
-  fldj = bijector.forward_log_det_jacobian(
-      tf.cast(tf.reshape(x, [4] + shape), tf.float32), event_ndims=len(shape))
+  x = tf.random.stateless_normal([4, int(np.prod(shape))], seed=[5, 6])
+  jacobian, fldj = _flat_jacobian_and_log_det(bijector, shape, x)
+  _, expected = np.linalg.slogdet(jacobian.numpy().astype(np.float64))
+  assert np.abs(expected).max() > 1e-2
   np.testing.assert_allclose(fldj, expected, atol=2e-3, rtol=1e-3)
 
 
@@ -81,6 +100,134 @@ def test_every_variable_receives_a_gradient(name):
     assert np.abs(tf.convert_to_tensor(g).numpy()).max() > 0, f"{v.name} has a zero gradient"
 
 
+# ------------------------------------------------------------------------------ one pass
+
+
+@pytest.fixture(name="calls")
+def _calls(monkeypatch):
+  """Counts, per object, the calls of everything in `_EVALUATED` (at trace time in graphs)."""
+  counter = collections.Counter()
+  for cls, method in _EVALUATED:
+    def counted(self, *args, _original=getattr(cls, method), **kwargs):
+      counter[id(self)] += 1
+      return _original(self, *args, **kwargs)
+    monkeypatch.setattr(cls, method, counted)
+  return counter
+
+
+def _count(calls, fn, *args, regime):
+  """Evaluations of `_EVALUATED` pieces made by `fn(*args)`, eagerly or in one traced graph."""
+  calls.clear()
+  if regime == "eager":
+    out = fn(*args)
+  else:
+    out = tf.function(fn)(*args)  # Each network call in the traced graph is counted once.
+  del out
+  return sum(calls.values())
+
+
+@pytest.mark.parametrize("regime", ["eager", "tf_function"])
+@pytest.mark.parametrize("name", NAMES)
+def test_value_and_log_det_evaluate_each_network_once(name, regime, calls):
+  """The objective's pattern `g.forward(eps)`, `g.forward_log_det_jacobian(eps)` and
+  `log_prob`'s `g.inverse(z)`, `g.inverse_log_det_jacobian(z)` cost what the value alone
+  costs: the log-det comes from the value's pass through the bijector cache."""
+  bijector, shape = _perturbed(name, seed=3)
+  rank = len(shape)
+  eps = tf.random.stateless_normal([5] + shape, seed=[1, 3])
+  z = bijector.forward(tf.identity(eps))
+
+  def forward_only(eps):
+    return bijector.forward(eps)
+
+  def forward_and_log_det(eps):  # As `ComposedPosterior.negative_elbo_terms` calls them.
+    z = bijector.forward(eps)
+    return z, bijector.forward_log_det_jacobian(eps, event_ndims=rank)
+
+  def inverse_only(z):
+    return bijector.inverse(z)
+
+  def inverse_and_log_det(z):  # As `TransformedDistribution.log_prob` calls them.
+    return bijector.inverse(z), bijector.inverse_log_det_jacobian(z, event_ndims=rank)
+
+  def log_det_of_another_tensor(eps):  # The cache is keyed by tensor identity.
+    z = bijector.forward(eps)
+    return z, bijector.forward_log_det_jacobian(tf.identity(eps), event_ndims=rank)
+
+  value = _count(calls, forward_only, tf.identity(eps), regime=regime)
+  assert value > 0, "no network or scale operator was counted"
+  if regime == "eager" and name != "maf":  # MAF's forward evaluates its MADE D times.
+    assert all(c == 1 for c in calls.values()), calls
+  assert _count(calls, forward_and_log_det, tf.identity(eps), regime=regime) == value
+  # The counter sees a second pass when the cache is defeated.
+  assert _count(calls, log_det_of_another_tensor, tf.identity(eps), regime=regime) > value
+  inverse = _count(calls, inverse_only, tf.identity(z), regime=regime)
+  assert inverse > 0
+  assert _count(calls, inverse_and_log_det, tf.identity(z), regime=regime) == inverse
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cached_log_det_equals_recomputed(name):
+  bijector, shape = _perturbed(name, seed=4)
+  rank = len(shape)
+  eps = tf.random.stateless_normal([5] + shape, seed=[2, 3])
+  z = bijector.forward(eps)
+  cached = bijector.forward_log_det_jacobian(eps, event_ndims=rank)
+  fresh = bijector.forward_log_det_jacobian(tf.identity(eps), event_ndims=rank)
+  assert np.abs(fresh.numpy()).max() > 1e-2
+  np.testing.assert_allclose(cached, fresh, rtol=1e-5, atol=1e-5)
+  cached_inverse = bijector.inverse_log_det_jacobian(z, event_ndims=rank)
+  np.testing.assert_allclose(cached_inverse, -fresh, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_log_prob_of_a_sample_equals_log_prob_by_inversion(name):
+  bijector, shape = _perturbed(name, seed=5)
+  size = int(np.prod(shape))
+  base = tfd.Independent(tfd.Normal(tf.zeros(shape), 1.), reinterpreted_batch_ndims=len(shape))
+  q = tfd.TransformedDistribution(base, bijector)
+  z, log_q = q.experimental_sample_and_log_prob(6, seed=[4, 5])
+  assert z.shape == [6] + shape and log_q.shape == [6]
+  by_inversion = q.log_prob(tf.identity(z))
+  np.testing.assert_allclose(log_q, by_inversion, rtol=1e-4, atol=1e-4)
+  assert np.abs(log_q.numpy() - base.log_prob(z).numpy()).max() > 1e-2
+
+
+# ------------------------------------------------------------------------------ float64
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float64_end_to_end(name):
+  bijector, shape = _perturbed(name, seed=6, dtype=tf.float64)
+  assert bijector.variables
+  for v in bijector.variables:
+    assert v.dtype == tf.float64, f"{v.name} is {v.dtype.name}"
+  x = tf.random.stateless_normal([4, int(np.prod(shape))], seed=[8, 9], dtype=tf.float64)
+  jacobian, fldj = _flat_jacobian_and_log_det(bijector, shape, x)
+  assert jacobian.dtype == tf.float64 and fldj.dtype == tf.float64
+  _, expected = np.linalg.slogdet(jacobian.numpy())
+  assert np.abs(expected).max() > 1e-2
+  # A float32 step anywhere would leave errors near 1e-7.
+  np.testing.assert_allclose(fldj, expected, rtol=0, atol=1e-10)
+  x = tf.reshape(x, [4] + shape)
+  y = bijector.forward(x)
+  x_back = bijector.inverse(tf.identity(y))
+  assert y.dtype == x_back.dtype == tf.float64
+  np.testing.assert_allclose(x_back, x, rtol=0, atol=1e-12)
+  ildj = bijector.inverse_log_det_jacobian(tf.identity(y), event_ndims=len(shape))
+  assert ildj.dtype == tf.float64
+  np.testing.assert_allclose(ildj, -expected, rtol=0, atol=1e-10)
+
+
+def test_float32_input_to_a_float64_pregenerator_is_an_error():
+  g = pregenerators.real_nvp([2], num_layers=1, hidden_units=(4,), dtype=tf.float64)
+  with pytest.raises((TypeError, ValueError), match="float"):
+    g.forward(tf.zeros([1, 2], tf.float32))
+
+
+# ------------------------------------------------------------------------------ affine stage
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_affine_stage_is_found_and_sets_a_gaussian(name):
   bijector, shape = _build(name)
@@ -98,11 +245,33 @@ def test_affine_stage_is_found_and_sets_a_gaussian(name):
   np.testing.assert_allclose(np.cov(z.T), cov, atol=0.15 * np.abs(cov).max())
 
 
+@pytest.mark.parametrize("full_rank", [True, False])
+def test_scale_operator_is_the_scale_of_the_stage(full_rank):
+  stage = pregenerators.AffineStage(3, full_rank=full_rank)
+  root = np.array([[2., 0., 0.], [0.5, 1., 0.], [-1., 0.3, 3.]])
+  cov = root @ root.T if full_rank else np.diag([4., 1., 9.])
+  stage.set_gaussian([1., 2., 3.], cov)
+  operator = stage.scale_operator()
+  assert isinstance(operator, tf.linalg.LinearOperator)
+  dense = operator.to_dense().numpy()
+  np.testing.assert_allclose(dense @ dense.T, cov, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(stage._linear().to_dense(), dense)  # pylint: disable=protected-access
+  u = tf.constant([[0.5, -1., 2.]])
+  np.testing.assert_allclose(stage.forward(u), u.numpy() @ dense.T + [1., 2., 3.], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ construction
+
+
 def test_builders_are_deterministic_given_seed():
   a = pregenerators.real_nvp([6], num_layers=2, hidden_units=(8,), seed=3)
   b = pregenerators.real_nvp([6], num_layers=2, hidden_units=(8,), seed=3)
+  c = pregenerators.real_nvp([6], num_layers=2, hidden_units=(8,), seed=4)
+  assert len(a.trainable_variables) == len(b.trainable_variables) > 0
   for u, v in zip(a.trainable_variables, b.trainable_variables):
     np.testing.assert_array_equal(u.numpy(), v.numpy())
+  assert any(not np.array_equal(u.numpy(), v.numpy())
+             for u, v in zip(a.trainable_variables, c.trainable_variables))
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -112,6 +281,27 @@ def test_bad_event_shape(bad, match):
     pregenerators.real_nvp(bad)
 
 
+@pytest.mark.parametrize("builder, kwargs, match", [
+    (pregenerators.real_nvp, dict(num_layers=3.5), r"`num_layers` must be an integer\. Got: 3\.5"),
+    (pregenerators.real_nvp, dict(num_layers=-1), r"`num_layers` must be an integer >= 0.*-1"),
+    (pregenerators.real_nvp, dict(hidden_units=(8, 0)), r"`hidden_units\[1\]`.*Got: 0"),
+    (pregenerators.real_nvp, dict(dtype=tf.int32), r"`dtype` must be a floating dtype.*int32"),
+    (pregenerators.iaf, dict(num_layers="2"), r"`num_layers` must be an integer\. Got: '2'"),
+    (pregenerators.maf, dict(hidden_units=8), r"`hidden_units` must be a sequence.*Got: 8"),
+    (pregenerators.affine, dict(dtype="int64"), r"`dtype` must be a floating dtype"),
+])
+def test_argument_checks_echo_the_bad_value(builder, kwargs, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    builder([4], **kwargs)
+
+
 def test_conv_needs_image_shape():
   with pytest.raises(ValueError, match=r"\[H, W, C\]"):
     pregenerators.conv([16])
+  with pytest.raises(ValueError, match=r"`filters` must be an integer >= 1\. Got: 0"):
+    pregenerators.conv([4, 4, 1], filters=0)
+
+
+def test_coupling_rejects_a_bad_permutation():
+  with pytest.raises(ValueError, match=r"permutation of range\(3\)\. Got: \[0, 0, 1\]"):
+    pregenerators.AffineCoupling(3, permutation=[0, 0, 1])

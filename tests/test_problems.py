@@ -5,6 +5,8 @@ point (mode masses of all eight bimodal blocks, the 64-dimensional Gaussian). Ev
 tolerance is stated next to its assertion with the error it allows for.
 """
 
+import functools
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -30,9 +32,15 @@ def test_every_problem_has_a_small_variant_here():
   assert set(SMALL) == set(problems.PROBLEMS)
 
 
+@functools.lru_cache(maxsize=None)
+def _small(name):
+  """Each small problem is built once per test session (building costs ~0.5-1 s)."""
+  return tfc.problems.get(name, **SMALL[name])
+
+
 @pytest.fixture(scope="module", params=sorted(SMALL))
 def problem(request):
-  return tfc.problems.get(request.param, **SMALL[request.param])
+  return _small(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +103,13 @@ def test_prior_log_prob_is_the_change_of_variables(problem):
 
 @pytest.mark.parametrize("name", ["bimodal_blocks", "nonlinear_blocks"])
 def test_grid_density_integrates_to_one_on_an_independent_grid(name):
-  """Each block's normalized density, summed on a different grid (701 points per axis
+  """Each block's normalized density, summed on a different grid (501 points per axis
   over a box 20% wider), is 1: the box holds the mass and the normalizer is right.
   Riemann sums of these smooth, vanishing densities are accurate to < 1e-8, so 1e-6."""
-  p = problems.get(name, num_blocks=2)
+  p = _small(name)
   lo, hi = p.grid_lo, p.grid_hi
   centre, half = (lo + hi) / 2, (hi - lo) / 2 * 1.2
-  n = 701
+  n = 501
   t = (np.arange(n) + 0.5) / n
   for b in range(p.num_blocks):
     a1 = centre[b, 0] - half[b, 0] + 2 * half[b, 0] * t
@@ -119,7 +127,7 @@ def test_grid_is_converged():
   mode masses by < 1e-4, means by < 1e-3 sd and sds by < 1e-3 relative (the Monte Carlo
   errors of 10,000 draws are ~5e-3 for masses and ~1e-2 sd for means)."""
   for name in ("bimodal_blocks", "nonlinear_blocks"):
-    fine = problems.get(name, num_blocks=2)
+    fine = _small(name)
     coarse = problems.get(name, num_blocks=2, grid_size=256)
     np.testing.assert_allclose(coarse.log_normalizer, fine.log_normalizer, atol=1e-6)
     sd = fine.stddev
@@ -165,16 +173,18 @@ def test_bimodal_blocks_have_two_separated_modes_and_nonlinear_blocks_one(bimoda
 
 
 def test_score_of_exact_draws_is_perfect_and_of_prior_draws_is_not(problem):
-  """Exact draws: energy ratio 1 within 0.6 (4 x its measured spread of 0.135 with 16
-  repeats), mode-mass error within 4 standard errors. Prior draws: ratio above 5 (measured
-  25 to 3000) and, for bimodal problems, mode-mass error above 4 standard errors."""
+  """Exact draws: energy ratio 1 within 0.8 (4 x its spread of 0.19, measured over 12
+  seeds with 16 repeats of m = 500; the spread does not depend on m), mode-mass error
+  within 4 standard errors. Prior draws: ratio above 5 (measured 10 to 1300 at m = 500)
+  and, for bimodal problems, mode-mass error above 4 standard errors (measured 11)."""
   x = problem.exact_sample(4000, seed=21)
-  good = problem.score(x, problem.exact_log_prob(x), seed=1, num_repeats=16)
+  kwargs = dict(seed=1, num_energy=500, num_repeats=16)
+  good = problem.score(x, problem.exact_log_prob(x), **kwargs)
   assert good["kl"] == 0. and good["nonfinite_fraction"] == 0.
-  assert abs(good["energy_ratio"] - 1.) < 0.6, good
+  assert abs(good["energy_ratio"] - 1.) < 0.8, good
   assert good["mean_error"] < 5. / np.sqrt(4000), good  # The largest of <= 64 z-scores.
   prior = problem.prior.sample(4000, seed=[5, 6]).numpy()
-  bad = problem.score(prior, seed=1, num_repeats=16)
+  bad = problem.score(prior, **kwargs)
   assert bad["energy_ratio"] > 5., bad
   if problem.mode_masses is not None:
     assert good["mode_mass_error"] < 4 * good["mode_mass_stderr"], good
@@ -195,7 +205,7 @@ def test_score_detects_a_collapsed_mode(bimodal8):
 def test_kl_of_an_inflated_gaussian():
   """`q = N(m, c S)` against `p = N(m, S)`: `KL = D (c - 1 - log c) / 2` (0.566 nats at
   D = 64, c = 1.2); the estimate is within 4 of its standard errors."""
-  p = problems.get("linear_gaussian_64")
+  p = _small("linear_gaussian_64")
   c = 1.2
   q = tfd.MultivariateNormalTriL(p.mean, np.sqrt(c) * p.scale_tril)
   x = q.sample(20000, seed=[7, 8])
@@ -206,9 +216,10 @@ def test_kl_of_an_inflated_gaussian():
 
 
 def test_linear_gaussian_64_closed_form():
-  """Scales span decades; the Joseph-form posterior equals the precision form to 1e-8
-  relative; the posterior has full covariance."""
-  p = problems.get("linear_gaussian_64")
+  """Scales span decades; the Joseph-form posterior equals the precision form (1e-6 in
+  correlations and in standardized means: the precision form loses ~1e-9 inverting a
+  prior covariance of condition ~1e6); the posterior has full covariance."""
+  p = _small("linear_gaussian_64")
   prior_sd = np.sqrt(np.diag(p.prior_scale_tril @ p.prior_scale_tril.T))
   assert prior_sd.min() < 0.011 and prior_sd.max() > 9.9
   assert p.matrix.shape == (32, 64)
@@ -220,8 +231,7 @@ def test_linear_gaussian_64_closed_form():
   sd = np.sqrt(np.diag(cov))
   np.testing.assert_allclose(p.covariance / np.outer(sd, sd), cov / np.outer(sd, sd),
                              atol=1e-6)
-  # The float32 observation is what both see; 1e-4 sd allows for its rounding.
-  np.testing.assert_array_less(np.abs(p.mean - mean) / sd, 1e-4)
+  np.testing.assert_array_less(np.abs(p.mean - mean) / sd, 1e-6)
   corr = p.covariance / np.outer(sd, sd)
   assert np.abs(corr - np.eye(64)).max() > 0.3
 
@@ -246,8 +256,8 @@ def test_gaussian_closed_form_against_brute_force_grid():
 
 @pytest.mark.parametrize("name", ["bimodal_blocks", "nonlinear_blocks"])
 def test_rotated_problem_is_the_block_problem_seen_through_q(name):
-  plain = problems.get(name, num_blocks=2)
-  rotated = problems.get("rotated_" + name, num_blocks=2)
+  plain = _small(name)
+  rotated = _small("rotated_" + name)
   q = rotated.rotation
   np.testing.assert_allclose(q.T @ q, np.eye(4), atol=1e-12)
   x = rotated.exact_sample(1000, seed=4)
@@ -278,7 +288,7 @@ def test_seeds_are_explicit(problem):
 
 
 def test_non_finite_rows_are_counted_and_dropped():
-  p = problems.get("nonlinear_blocks", num_blocks=2)
+  p = _small("nonlinear_blocks")
   x = p.exact_sample(1000, seed=5)
   x[:100, 1] = np.nan
   x[100:150, 0] = np.inf
@@ -294,7 +304,7 @@ def test_argument_errors():
     problems.get("bimodal_blocks", num_blocks=9)
   with pytest.raises(ValueError, match=r"`num_blocks` must be a positive integer, got 0"):
     problems.get("nonlinear_blocks", num_blocks=0)
-  p = problems.get("linear_gaussian_64")
+  p = _small("linear_gaussian_64")
   with pytest.raises(ValueError, match=r"`x` must have shape \[n, 64\], got \[3, 63\]"):
     p.score(np.zeros([3, 63]))
   with pytest.raises(ValueError, match=r"`log_q` must have shape \[3\].*got \[4\]"):

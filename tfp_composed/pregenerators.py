@@ -4,9 +4,15 @@ A pre-generator is chained before the frozen prior flow `f`, so the composed pos
 `x = f(g(eps))`. Every builder here returns a `tfb.Bijector` that
 
 * maps tensors of the latent event shape to the same shape,
-* is the identity at initialization (the composed posterior starts at the prior), and
+* is the identity at initialization (the composed posterior starts at the prior),
 * ends in an `AffineStage` (`z = shift + L u`) that `ComposedPosterior.fit` can start from a
-  Laplace approximation of the latent posterior.
+  Laplace approximation of the latent posterior,
+* creates all its variables in the requested `dtype` and computes in it, and
+* evaluates each of its networks once for a value and its log-det: every layer computes
+  `(y, log|det dy/dx|)` in one pass and keeps the log-det in TFP's bijector cache, so the
+  objective's `z = g.forward(eps)` followed by `g.forward_log_det_jacobian(eps)` (and
+  `log_prob`'s `inverse` followed by `inverse_log_det_jacobian`) runs each network once.
+  The cache is keyed by tensor identity: pass the same tensor to both calls.
 
 `z = g(eps) = affine(h(eps))`, where `h` is the flexible part (coupling layers, autoregressive
 layers, convolutional couplings), so `h` works in whitened coordinates.
@@ -16,17 +22,22 @@ layers, convolutional couplings), so `h` works in whitened coordinates.
 [1]: Jay Whang, Erik M. Lindgren, Alexandros G. Dimakis. Composing Normalizing Flows for
      Inverse Problems. In _International Conference on Machine Learning_, 2021.
      https://arxiv.org/abs/2002.11743
+[2]: Laurent Dinh, Jascha Sohl-Dickstein and Samy Bengio. Density estimation using Real NVP.
+     In _ICLR_, 2017. https://arxiv.org/abs/1605.08803
 """
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
+from tensorflow_probability.python.internal import cache_util
 import tf_keras
 
 tfb = tfp.bijectors
 
 __all__ = [
+    "AffineCoupling",
     "AffineStage",
+    "CheckerboardCoupling",
     "affine",
     "conv",
     "find_affine_stage",
@@ -58,6 +69,36 @@ def _event_shape(event_shape):
   return shape, size
 
 
+def _check_int(name, value, minimum):
+  """Returns `value` as an int if it is an integer >= `minimum`; raises echoing it otherwise."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"`{name}` must be an integer. Got: {value!r} of type "
+                    f"{type(value).__name__}.")
+  if value < minimum:
+    raise ValueError(f"`{name}` must be an integer >= {minimum}. Got: {value!r}.")
+  return int(value)
+
+
+def _check_units(name, units):
+  """Validates a sequence of positive layer widths; returns it as a tuple of ints."""
+  try:
+    units = tuple(units)
+  except TypeError as e:
+    raise TypeError(f"`{name}` must be a sequence of positive integers. Got: {units!r} of "
+                    f"type {type(units).__name__}.") from e
+  return tuple(_check_int(f"{name}[{i}]", h, 1) for i, h in enumerate(units))
+
+
+def _check_dtype(dtype):
+  try:
+    dtype = tf.as_dtype(dtype)
+  except TypeError as e:
+    raise TypeError(f"`dtype` must be a floating dtype. Got: {dtype!r}.") from e
+  if not dtype.is_floating:
+    raise TypeError(f"`dtype` must be a floating dtype. Got: {dtype!r}.")
+  return dtype
+
+
 def _bounded_log_scale(raw):
   return _LOG_SCALE_BOUND * tf.tanh(raw / _LOG_SCALE_BOUND)
 
@@ -73,12 +114,58 @@ def _flat(flat_bijector, shape, size, name):
   ], name=name)
 
 
-class AffineStage(tfb.Bijector):
+class _OnePassBijector(tfb.Bijector):
+  """A bijector whose value and log-det come from one pass, both kept in TFP's cache.
+
+  Subclasses implement `_forward_and_log_det(x) -> (y, log|det dy/dx|)` and
+  `_inverse_and_log_det(y) -> (x, log|det dx/dy|)`, log-dets reduced over
+  `forward_min_event_ndims`. `forward(x)` stores the log-det with the `x <-> y` cache entry
+  (as `tfb.FFJORD` and `priors.MultiScaleFlowBijector` do), so a later
+  `forward_log_det_jacobian(x)` or `inverse_log_det_jacobian(y)` of the same tensors is a
+  lookup. A log-det requested first runs the pass through the cache, so the value is kept too.
+  """
+
+  _cache = cache_util.BijectorCacheWithGreedyAttrs(
+      forward_name="_augmented_forward", inverse_name="_augmented_inverse")
+
+  @classmethod
+  def _parameter_properties(cls, dtype):
+    return dict()
+
+  def _augmented_forward(self, x):
+    y, fldj = self._forward_and_log_det(x)
+    return y, {"fldj": fldj, "ildj": -fldj}
+
+  def _augmented_inverse(self, y):
+    x, ildj = self._inverse_and_log_det(y)
+    return x, {"ildj": ildj, "fldj": -ildj}
+
+  def _forward(self, x):
+    return self._augmented_forward(x)[0]
+
+  def _inverse(self, y):
+    return self._augmented_inverse(y)[0]
+
+  def _forward_log_det_jacobian(self, x):
+    attrs = self._cache.forward_attributes(x)
+    if "fldj" not in attrs:
+      self.forward(x)  # One pass; keeps `y` and the log-det.
+    return attrs["fldj"]
+
+  def _inverse_log_det_jacobian(self, y):
+    attrs = self._cache.inverse_attributes(y)
+    if "ildj" not in attrs:
+      self.inverse(y)
+    return attrs["ildj"]
+
+
+class AffineStage(_OnePassBijector):
   """Trainable affine map `z = shift + L u`, full-rank (lower-triangular `L`) or diagonal.
 
-  `log|det dz/du| = sum(log|diag(L)|)`. Identity at initialization. Operates on vectors
-  (`forward_min_event_ndims=1`); `set_gaussian(mean, covariance)` makes `z` distributed as
-  `N(mean, covariance)` when `u ~ N(0, I)`.
+  `log|det dz/du| = sum(log|diag(L)|)`, inverse `u = L^-1 (z - shift)`. Identity at
+  initialization. Operates on vectors (`forward_min_event_ndims=1`);
+  `set_gaussian(mean, covariance)` makes `z` distributed as `N(mean, covariance)` when
+  `u ~ N(0, I)`; `scale_operator()` returns `L` as a `tf.linalg.LinearOperator`.
 
   #### Examples
 
@@ -86,14 +173,16 @@ class AffineStage(tfb.Bijector):
   stage = AffineStage(3)
   stage.set_gaussian(mean=[1., 2., 3.], covariance=np.diag([1., 4., 9.]))
   stage.forward(tf.zeros([3]))  # [1., 2., 3.]
+  stage.scale_operator().to_dense()  # diag([1., 2., 3.])
   ```
   """
 
   def __init__(self, size, full_rank=True, dtype=tf.float32, validate_args=False,
                name="affine_stage"):
     parameters = dict(locals())
-    if not isinstance(size, (int, np.integer)) or size < 1:
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
       raise ValueError(f"`size` must be a positive integer, got {size!r}.")
+    dtype = _check_dtype(dtype)
     with tf.name_scope(name) as name:
       self._size = int(size)
       self._full_rank = bool(full_rank)
@@ -114,26 +203,27 @@ class AffineStage(tfb.Bijector):
   def full_rank(self):
     return self._full_rank
 
+  @property
+  def size(self):
+    return self._size
+
   def scale_operator(self):
-    """The scale `L` as a `tf.linalg.LinearOperator` (lower-triangular or diagonal)."""
-    return self._linear()
-
-  def _linear(self):
+    """`L` of `z = shift + L u`: a `LinearOperatorLowerTriangular` or `LinearOperatorDiag`."""
     if self._full_rank:
-      return tf.linalg.LinearOperatorLowerTriangular(tf.convert_to_tensor(self.scale_tril))
-    return tf.linalg.LinearOperatorDiag(tf.convert_to_tensor(self.scale_diag))
+      return tf.linalg.LinearOperatorLowerTriangular(
+          tf.convert_to_tensor(self.scale_tril), is_non_singular=True)
+    return tf.linalg.LinearOperatorDiag(
+        tf.convert_to_tensor(self.scale_diag), is_non_singular=True)
 
-  def _forward(self, u):
-    return self._linear().matvec(u) + self.shift
+  _linear = scale_operator  # Former name, kept for callers not yet moved to `scale_operator`.
 
-  def _inverse(self, z):
-    return self._linear().solvevec(z - self.shift)
+  def _forward_and_log_det(self, u):
+    scale = self.scale_operator()
+    return scale.matvec(u) + self.shift, scale.log_abs_determinant()
 
-  def _forward_log_det_jacobian(self, u):
-    return self._linear().log_abs_determinant()
-
-  def _inverse_log_det_jacobian(self, z):
-    return -self._linear().log_abs_determinant()
+  def _inverse_and_log_det(self, z):
+    scale = self.scale_operator()
+    return scale.solvevec(z - self.shift), -scale.log_abs_determinant()
 
   def set_gaussian(self, mean, covariance):
     """Sets `shift = mean` and `L L^T = covariance` (diagonal stage: `diag(covariance)`)."""
@@ -158,37 +248,272 @@ def find_affine_stage(bijector):
   return None
 
 
-class _DenseNet(tf.Module):
-  """An MLP with a zero-initialized output layer: output 0 at initialization."""
+# ------------------------------------------------------------------------------ networks
 
-  def __init__(self, hidden_units, output_units, activation="elu", seed=0, name=None):
+
+def _glorot(seed, shape, dtype):
+  """Seeded Glorot-uniform values (the initializer tf_keras layers use by default)."""
+  return tf_keras.initializers.GlorotUniform(seed)(shape, dtype=dtype)
+
+
+class _DenseNet(tf.Module):
+  """MLP `[..., input_units] -> [..., output_units]` whose output layer starts at zero.
+
+  Hidden layers are Glorot-uniform with seeds `seed, seed + 1, ...`; all variables are
+  created now, in `dtype`. Any number of leading batch dimensions. With `masks` (one 0/1
+  array per kernel) each kernel is multiplied by its mask wherever it is used (MADE).
+  """
+
+  def __init__(self, input_units, hidden_units, output_units, activation="elu", seed=0,
+               dtype=tf.float32, masks=None, name=None):
     super().__init__(name=name)
-    self.layers = [
-        tf_keras.layers.Dense(h, activation=activation,
-                              kernel_initializer=tf_keras.initializers.GlorotUniform(seed + j))
-        for j, h in enumerate(hidden_units)]
-    self.out = tf_keras.layers.Dense(output_units, kernel_initializer="zeros")
+    self._activation = tf_keras.activations.get(activation)
+    self._output_units = int(output_units)
+    sizes = [int(input_units)] + [int(h) for h in hidden_units] + [int(output_units)]
+    with self.name_scope:
+      self.kernels = [tf.Variable(_glorot(seed + j, [a, b], dtype), name=f"kernel_{j}")
+                      for j, (a, b) in enumerate(zip(sizes[:-2], sizes[1:-1]))]
+      self.biases = [tf.Variable(tf.zeros([b], dtype), name=f"bias_{j}")
+                     for j, b in enumerate(sizes[1:-1])]
+      self.out_kernel = tf.Variable(tf.zeros(sizes[-2:], dtype), name="out_kernel")
+      self.out_bias = tf.Variable(tf.zeros([output_units], dtype), name="out_bias")
+    if masks is None:
+      self._masks = None
+    else:
+      shapes = [list(m.shape) for m in masks]
+      if shapes != [[a, b] for a, b in zip(sizes[:-1], sizes[1:])]:
+        expected = [[a, b] for a, b in zip(sizes[:-1], sizes[1:])]
+        raise ValueError(f"`masks` must have the kernels' shapes {expected}. Got: {shapes}.")
+      self._masks = [tf.constant(m, dtype) for m in masks]
+
+  def _kernels(self):
+    kernels = self.kernels + [self.out_kernel]
+    if self._masks is None:
+      return kernels
+    return [k * m for k, m in zip(kernels, self._masks)]
 
   def __call__(self, x):
-    shape = tf.shape(x)
-    h = tf.reshape(x, [-1, x.shape[-1]])  # Dense layers need a batch dimension.
-    for layer in self.layers:
-      h = layer(h)
-    h = self.out(h)
-    return tf.reshape(h, tf.concat([shape[:-1], tf.shape(h)[-1:]], 0))
+    matrix = x.shape.rank == 2
+    h = x if matrix else tf.reshape(x, [-1, x.shape[-1]])
+    *hidden, out = self._kernels()
+    for kernel, bias in zip(hidden, self.biases):
+      h = self._activation(tf.matmul(h, kernel) + bias)
+    h = tf.matmul(h, out) + self.out_bias
+    if matrix:
+      return h
+    return tf.reshape(h, tf.concat([tf.shape(x)[:-1], [self._output_units]], 0))
 
 
-class _CouplingFn(tf.Module):
-  """`shift_and_log_scale_fn` for `tfb.RealNVP`: an MLP of the conditioning half."""
+def _made_masks(size, hidden_units, num_params):
+  """MADE masks for the left-to-right order: output `i` (of each of `num_params` blocks of
+  `size`) depends on inputs `< i` only (Germain et al., 2015)."""
+  degrees = [np.arange(1, size + 1)]
+  for h in hidden_units:
+    degrees.append(np.arange(h) % max(1, size - 1) + 1)
+  masks = [(d_out[None, :] >= d_in[:, None]).astype(np.float64)
+           for d_in, d_out in zip(degrees[:-1], degrees[1:])]
+  out_degrees = np.tile(np.arange(1, size + 1), num_params)
+  masks.append((out_degrees[None, :] > degrees[-1][:, None]).astype(np.float64))
+  return masks
 
-  def __init__(self, input_units, output_units, hidden_units, dtype, seed, name=None):
+
+class _ConvNet(tf.Module):
+  """CNN `conv3x3 -> elu -> conv1x1 -> elu -> conv3x3` on `[..., H, W, C]`; the last
+  convolution starts at zero and has `2 C` outputs. Variables are created now, in `dtype`."""
+
+  def __init__(self, channels, filters, seed=0, dtype=tf.float32, name=None):
     super().__init__(name=name)
-    self.net = _DenseNet(hidden_units, 2 * output_units, seed=seed)
-    self.net(tf.zeros([1, input_units], dtype))  # Creates the variables now.
+    with self.name_scope:
+      self.kernels = [
+          tf.Variable(_glorot(seed, [3, 3, channels, filters], dtype), name="kernel_0"),
+          tf.Variable(_glorot(seed + 1, [1, 1, filters, filters], dtype), name="kernel_1")]
+      self.biases = [tf.Variable(tf.zeros([filters], dtype), name=f"bias_{j}")
+                     for j in range(2)]
+      self.out_kernel = tf.Variable(tf.zeros([3, 3, filters, 2 * channels], dtype),
+                                    name="out_kernel")
+      self.out_bias = tf.Variable(tf.zeros([2 * channels], dtype), name="out_bias")
 
-  def __call__(self, x, output_units, **unused):
-    shift, raw = tf.split(self.net(x), 2, axis=-1)
+  def __call__(self, x):
+    images = x.shape.rank == 4
+    h = x if images else tf.reshape(x, tf.concat([[-1], tf.shape(x)[-3:]], 0))
+    for kernel, bias in zip(self.kernels, self.biases):
+      h = tf.nn.elu(tf.nn.conv2d(h, kernel, strides=1, padding="SAME") + bias)
+    h = tf.nn.conv2d(h, self.out_kernel, strides=1, padding="SAME") + self.out_bias
+    if images:
+      return h
+    return tf.reshape(h, tf.concat([tf.shape(x)[:-1], tf.shape(h)[-1:]], 0))
+
+
+# ------------------------------------------------------------------------------ couplings
+
+
+class _Coupling(_OnePassBijector):
+  """The affine coupling of [2], one definition for every layout.
+
+  `y = merge(x_A, x_B exp(s(x_A)) + t(x_A))` with `(x_A, x_B) = split(x)`,
+  `log|det dy/dx| = sum s(x_A)`, inverse `x = merge(y_A, (y_B - t(y_A)) exp(-s(y_A)))`.
+  A subclass defines `_split`, `_merge` and `_shift_and_log_scale(x_A)`; the conditioner runs
+  once per pass.
+  """
+
+  def _forward_and_log_det(self, x):
+    x_cond, x_free = self._split(x)
+    shift, log_scale = self._shift_and_log_scale(x_cond)
+    y = self._merge(x_cond, x_free * tf.exp(log_scale) + shift)
+    return y, tf.reduce_sum(log_scale, axis=self._event_axes)
+
+  def _inverse_and_log_det(self, y):
+    y_cond, y_free = self._split(y)
+    shift, log_scale = self._shift_and_log_scale(y_cond)
+    x = self._merge(y_cond, (y_free - shift) * tf.exp(-log_scale))
+    return x, -tf.reduce_sum(log_scale, axis=self._event_axes)
+
+
+class AffineCoupling(_Coupling):
+  """RealNVP affine coupling on vectors over a fixed split of the coordinates [2].
+
+  With `A = permutation[:num_masked]` (conditioning) and `B = permutation[num_masked:]`:
+  `y_A = x_A`, `y_B = x_B * exp(s(x_A)) + t(x_A)`, `log|det dy/dx| = sum(s(x_A))`, inverse
+  `x_B = (y_B - t(y_A)) * exp(-s(y_A))`; coordinates keep their places. `s, t` come from one
+  MLP of `x_A` with a zero-initialized output layer (`s` soft-bounded to `(-3, 3)`), so the
+  coupling starts at the identity. One network evaluation gives the value and the log-det.
+
+  #### Examples
+
+  ```python
+  coupling = AffineCoupling(4, num_masked=2, hidden_units=(16,), permutation=[3, 0, 2, 1])
+  x = tf.random.normal([5, 4])
+  y = coupling.forward(x)  # Equal to x at initialization.
+  coupling.forward_log_det_jacobian(x, event_ndims=1)  # Cached from the forward pass.
+  ```
+  """
+
+  def __init__(self, size, num_masked=None, hidden_units=(256, 256), permutation=None,
+               activation="elu", seed=0, dtype=tf.float32, validate_args=False,
+               name="affine_coupling"):
+    parameters = dict(locals())
+    size = _check_int("size", size, 2)
+    num_masked = size // 2 if num_masked is None else _check_int("num_masked", num_masked, 1)
+    if num_masked >= size:
+      raise ValueError(f"`num_masked` must be smaller than `size` = {size}. Got: {num_masked}.")
+    hidden_units = _check_units("hidden_units", hidden_units)
+    dtype = _check_dtype(dtype)
+    if permutation is None:
+      permutation = np.arange(size)
+    permutation = np.asarray(permutation)
+    if (permutation.shape != (size,) or not np.issubdtype(permutation.dtype, np.integer)
+        or not np.array_equal(np.sort(permutation), np.arange(size))):
+      raise ValueError(f"`permutation` must be a permutation of range({size}). "
+                       f"Got: {permutation.tolist()!r}.")
+    with tf.name_scope(name) as name:
+      self._cond_index = tf.constant(permutation[:num_masked], tf.int32)
+      self._free_index = tf.constant(permutation[num_masked:], tf.int32)
+      self._merge_index = tf.constant(np.argsort(permutation), tf.int32)
+      self._num_free = size - num_masked
+      self._event_axes = [-1]
+      self.net = _DenseNet(num_masked, hidden_units, 2 * self._num_free,
+                           activation=activation, seed=seed, dtype=dtype, name="net")
+      super().__init__(forward_min_event_ndims=1, dtype=dtype, validate_args=validate_args,
+                       parameters=parameters, name=name)
+
+  def _split(self, x):
+    return (tf.gather(x, self._cond_index, axis=-1), tf.gather(x, self._free_index, axis=-1))
+
+  def _merge(self, x_cond, y_free):
+    return tf.gather(tf.concat([x_cond, y_free], axis=-1), self._merge_index, axis=-1)
+
+  def _shift_and_log_scale(self, x_cond):
+    shift, raw = tf.split(self.net(x_cond), 2, axis=-1)
     return shift, _bounded_log_scale(raw)
+
+
+class CheckerboardCoupling(_Coupling):
+  """Affine coupling on images `[H, W, C]` with a checkerboard mask `m` (1 = conditioning).
+
+  `y = m x + (1 - m) (x exp(s(m x)) + t(m x))`, `log|det dy/dx| = sum((1 - m) s(m x))`,
+  inverse `x = m y + (1 - m) (y - t(m y)) exp(-s(m y))`. `s, t` come from one small CNN
+  with a zero-initialized output, so the coupling starts at the identity. One network
+  evaluation gives the value and the log-det.
+
+  #### Examples
+
+  ```python
+  coupling = CheckerboardCoupling([4, 4, 1], parity=0, filters=8)
+  x = tf.random.normal([2, 4, 4, 1])
+  coupling.forward(x)  # Equal to x at initialization.
+  ```
+  """
+
+  def __init__(self, image_shape, parity, filters=32, seed=0, dtype=tf.float32,
+               validate_args=False, name="checkerboard_coupling"):
+    parameters = dict(locals())
+    shape = tf.TensorShape(image_shape)
+    if shape.rank != 3 or not shape.is_fully_defined():
+      raise ValueError(f"`image_shape` must be a fully defined [H, W, C]. Got: {image_shape!r}.")
+    if parity not in (0, 1):
+      raise ValueError(f"`parity` must be 0 or 1. Got: {parity!r}.")
+    filters = _check_int("filters", filters, 1)
+    dtype = _check_dtype(dtype)
+    with tf.name_scope(name) as name:
+      h, w, c = shape.as_list()
+      grid = (np.arange(h)[:, None] + np.arange(w)[None, :] + parity) % 2
+      self._mask = tf.constant(np.repeat(grid[:, :, None], c, axis=-1), dtype)
+      self._image_shape = (h, w, c)
+      self._event_axes = [-3, -2, -1]
+      self.net = _ConvNet(c, filters, seed=seed, dtype=dtype, name="net")
+      super().__init__(forward_min_event_ndims=3, dtype=dtype, validate_args=validate_args,
+                       parameters=parameters, name=name)
+
+  def _split(self, x):
+    return x * self._mask, x
+
+  def _merge(self, x_cond, y_free):
+    del x_cond  # `y_free` is `x` on the conditioning pixels (zero shift and log-scale there).
+    return y_free
+
+  def _shift_and_log_scale(self, x_cond):
+    shift, raw = tf.split(self.net(x_cond), 2, axis=-1)
+    free = 1. - self._mask
+    return shift * free, _bounded_log_scale(raw) * free
+
+
+# ------------------------------------------------------------------------------ autoregressive
+
+
+class _MaskedAutoregressiveAffine(_OnePassBijector):
+  """MAF layer `y_i = x_i exp(s_i(y_<i)) + t_i(y_<i)`, `s, t` from one masked MLP (MADE).
+
+  `log|det dy/dx| = sum(s(y))`; inverse `x = (y - t(y)) exp(-s(y))`, one MADE evaluation.
+  The forward pass takes `D` sequential evaluations; the last one already sees the final
+  `y_<i` for every `i`, so its `s` is the log-det and no further evaluation is needed.
+  """
+
+  def __init__(self, size, hidden_units, activation="elu", seed=0, dtype=tf.float32,
+               validate_args=False, name="maf_layer"):
+    parameters = dict(locals())
+    with tf.name_scope(name) as name:
+      self._size = int(size)
+      self.net = _DenseNet(size, hidden_units, 2 * size, activation=activation, seed=seed,
+                           dtype=dtype, masks=_made_masks(size, hidden_units, 2), name="made")
+      super().__init__(forward_min_event_ndims=1, dtype=dtype, validate_args=validate_args,
+                       parameters=parameters, name=name)
+
+  def _shift_and_log_scale(self, y):
+    shift, raw = tf.split(self.net(y), 2, axis=-1)
+    return shift, _bounded_log_scale(raw)
+
+  def _forward_and_log_det(self, x):
+    def body(y, unused_log_scale):  # After step k, y_1..y_k are final.
+      shift, log_scale = self._shift_and_log_scale(y)
+      return x * tf.exp(log_scale) + shift, log_scale
+
+    y, log_scale = tf.while_loop(lambda *_: True, body, (tf.zeros_like(x), tf.zeros_like(x)),
+                                 maximum_iterations=self._size)
+    return y, tf.reduce_sum(log_scale, axis=-1)
+
+  def _inverse_and_log_det(self, y):
+    shift, log_scale = self._shift_and_log_scale(y)
+    return (y - shift) * tf.exp(-log_scale), -tf.reduce_sum(log_scale, axis=-1)
 
 
 def _permuted(bijector, size, seed):
@@ -199,8 +524,16 @@ def _permuted(bijector, size, seed):
                     tfb.Permute(perm)], name=f"permuted_{bijector.name}")
 
 
+def _affine_stage(size, full_rank, dtype):
+  return AffineStage(size, full_rank=size <= 1024 if full_rank is None else full_rank,
+                     dtype=dtype)
+
+
+# ------------------------------------------------------------------------------ builders
+
+
 def affine(event_shape, full_rank=True, dtype=tf.float32, name="affine"):
-  """Affine pre-generator `z = shift + L eps` (`tfb.Shift` + lower-triangular scale).
+  """Affine pre-generator `z = shift + L eps` (an `AffineStage` on the flattened latent).
 
   With a Laplace start this is exact for linear-Gaussian problems; it is also the last stage
   of every other pre-generator.
@@ -212,12 +545,13 @@ def affine(event_shape, full_rank=True, dtype=tf.float32, name="affine"):
   ```
   """
   shape, size = _event_shape(event_shape)
-  return _flat(AffineStage(size, full_rank=full_rank, dtype=dtype), shape, size, name)
+  return _flat(AffineStage(size, full_rank=full_rank, dtype=_check_dtype(dtype)), shape, size,
+               name)
 
 
 def real_nvp(event_shape, num_layers=4, hidden_units=(256, 256), affine_stage=True,
              full_rank=None, activation="elu", seed=0, dtype=tf.float32, name="real_nvp"):
-  """RealNVP pre-generator: `num_layers` affine couplings (`tfb.RealNVP`) then an affine stage.
+  """RealNVP pre-generator: `num_layers` `AffineCoupling`s then an affine stage.
 
   Each coupling `y_B = x_B * exp(s(x_A)) + t(x_A)` conditions one half of a fixed random
   permutation of the coordinates on the other; `s, t` are MLPs with zero-initialized outputs,
@@ -233,60 +567,38 @@ def real_nvp(event_shape, num_layers=4, hidden_units=(256, 256), affine_stage=Tr
   ```
   """
   shape, size = _event_shape(event_shape)
-  if not isinstance(num_layers, (int, np.integer)) or num_layers < 0:
-    raise ValueError(f"`num_layers` must be a non-negative integer, got {num_layers!r}.")
-  hidden_units = tuple(int(h) for h in hidden_units)
+  num_layers = _check_int("num_layers", num_layers, 0)
+  hidden_units = _check_units("hidden_units", hidden_units)
+  seed = _check_int("seed", seed, 0)
+  dtype = _check_dtype(dtype)
   bijectors = []  # In forward-application order; reversed for tfb.Chain at the end.
   if size >= 2:
-    num_masked = size // 2
     for i in range(num_layers):
-      bijectors.append(_permuted(tfb.RealNVP(
-          num_masked=num_masked,
-          shift_and_log_scale_fn=_CouplingFn(
-              num_masked, size - num_masked, hidden_units, dtype, seed=1000 * (seed + i),
-              name=f"coupling_net_{i}"),
-          name=f"coupling_{i}"), size, seed + i))
+      bijectors.append(AffineCoupling(
+          size, num_masked=size // 2, hidden_units=hidden_units,
+          permutation=np.random.RandomState(seed + i).permutation(size),
+          activation=activation, seed=1000 * (seed + i), dtype=dtype, name=f"coupling_{i}"))
   if affine_stage:
-    bijectors.append(AffineStage(
-        size, full_rank=size <= 1024 if full_rank is None else full_rank, dtype=dtype))
+    bijectors.append(_affine_stage(size, full_rank, dtype))
   return _flat(tfb.Chain(bijectors[::-1], name=name), shape, size, name)
-
-
-class _ZeroOutputMADE(tf.Module):
-  """`tfb.AutoregressiveNetwork` whose output layer starts at zero (identity flow)."""
-
-  def __init__(self, size, hidden_units, activation, dtype, seed, name=None):
-    super().__init__(name=name)
-    self.made = tfb.AutoregressiveNetwork(
-        params=2, event_shape=[size], hidden_units=list(hidden_units), activation=activation,
-        kernel_initializer=tf_keras.initializers.GlorotUniform(seed), dtype=dtype)
-    self.made(tf.zeros([1, size], dtype))  # Variables are created lazily.
-    for v in self.made._network.layers[-1].trainable_variables:  # pylint: disable=protected-access
-      v.assign(tf.zeros_like(v))  # The output layer's kernel and bias.
-
-  def __call__(self, x):
-    shape = tf.shape(x)
-    params = self.made(tf.reshape(x, [-1, x.shape[-1]]))
-    params = tf.reshape(params, tf.concat([shape, [2]], 0))
-    shift, raw = tf.unstack(params, axis=-1)
-    return shift, _bounded_log_scale(raw)
 
 
 def _autoregressive(event_shape, num_layers, hidden_units, affine_stage, full_rank, activation,
                     seed, dtype, name, inverse_autoregressive):
   shape, size = _event_shape(event_shape)
+  num_layers = _check_int("num_layers", num_layers, 0)
+  hidden_units = _check_units("hidden_units", hidden_units)
+  seed = _check_int("seed", seed, 0)
+  dtype = _check_dtype(dtype)
   bijectors = []
   if size >= 2:
     for i in range(num_layers):
-      flow = tfb.MaskedAutoregressiveFlow(
-          shift_and_log_scale_fn=_ZeroOutputMADE(size, hidden_units, activation, dtype,
-                                                 seed=1000 * (seed + i), name=f"made_{i}"),
-          name=f"maf_{i}")
+      flow = _MaskedAutoregressiveAffine(size, hidden_units, activation,
+                                         seed=1000 * (seed + i), dtype=dtype, name=f"maf_{i}")
       bijectors.append(_permuted(
           tfb.Invert(flow, name=f"iaf_{i}") if inverse_autoregressive else flow, size, seed + i))
   if affine_stage:
-    bijectors.append(AffineStage(
-        size, full_rank=size <= 1024 if full_rank is None else full_rank, dtype=dtype))
+    bijectors.append(_affine_stage(size, full_rank, dtype))
   return _flat(tfb.Chain(bijectors[::-1], name=name), shape, size, name)
 
 
@@ -294,8 +606,9 @@ def iaf(event_shape, num_layers=4, hidden_units=(256, 256), affine_stage=True, f
         activation="elu", seed=0, dtype=tf.float32, name="iaf"):
   """Inverse autoregressive flow pre-generator (fast sampling and training, slow `log_prob`).
 
-  Forward: `z_i = eps_i * exp(s_i(z_<i)) ...` is inverted so that the forward pass
-  `z = g(eps)` is one network evaluation: `z_i = eps_i * exp(s_i(eps_<i)) + t_i(eps_<i)`.
+  Each layer is an inverted MAF layer, so the forward pass `z = g(eps)` is one network
+  evaluation: `z = (eps - t(eps)) * exp(-s(eps))`, `s_i, t_i` depending on `eps_<i` only;
+  `log|det dz/deps| = -sum(s(eps))` from the same evaluation.
 
   #### Examples
 
@@ -311,7 +624,8 @@ def maf(event_shape, num_layers=4, hidden_units=(256, 256), affine_stage=True, f
         activation="elu", seed=0, dtype=tf.float32, name="maf"):
   """Masked autoregressive flow pre-generator (fast `log_prob`, sequential sampling).
 
-  `z_i = eps_i * exp(s_i(z_<i)) + t_i(z_<i)`; the forward pass takes `D` network evaluations.
+  `z_i = eps_i * exp(s_i(z_<i)) + t_i(z_<i)`; the forward pass takes `D` network evaluations
+  (the last one also gives the log-det), the inverse one.
 
   #### Examples
 
@@ -321,73 +635,6 @@ def maf(event_shape, num_layers=4, hidden_units=(256, 256), affine_stage=True, f
   """
   return _autoregressive(event_shape, num_layers, hidden_units, affine_stage, full_rank,
                          activation, seed, dtype, name, inverse_autoregressive=False)
-
-
-class _ConvNet(tf.Module):
-  """A small CNN with a zero-initialized output convolution."""
-
-  def __init__(self, channels, filters, seed=0, name=None):
-    super().__init__(name=name)
-    init = tf_keras.initializers.GlorotUniform
-    self.hidden = [
-        tf_keras.layers.Conv2D(filters, 3, padding="same", activation="elu",
-                               kernel_initializer=init(seed)),
-        tf_keras.layers.Conv2D(filters, 1, padding="same", activation="elu",
-                               kernel_initializer=init(seed + 1)),
-    ]
-    self.out = tf_keras.layers.Conv2D(2 * channels, 3, padding="same",
-                                      kernel_initializer="zeros")
-
-  def __call__(self, x):
-    for layer in self.hidden:
-      x = layer(x)
-    return self.out(x)
-
-
-class CheckerboardCoupling(tfb.Bijector):
-  """Affine coupling on images with a checkerboard mask `m` (1 = conditioning pixel).
-
-  `y = m x + (1 - m) (x exp(s(m x)) + t(m x))`, `log|det dy/dx| = sum((1 - m) s(m x))`,
-  inverse `x = m y + (1 - m) (y - t(m y)) exp(-s(m y))`. `s, t` come from a CNN with a
-  zero-initialized output, so the coupling starts at the identity.
-  """
-
-  def __init__(self, image_shape, parity, filters=32, seed=0, dtype=tf.float32,
-               validate_args=False, name="checkerboard_coupling"):
-    parameters = dict(locals())
-    with tf.name_scope(name) as name:
-      h, w, c = image_shape
-      grid = (np.arange(h)[:, None] + np.arange(w)[None, :] + parity) % 2
-      self._mask = tf.constant(np.repeat(grid[:, :, None], c, axis=-1), dtype)
-      self._image_shape = tuple(image_shape)
-      self.net = _ConvNet(c, filters, seed=seed)
-      self.net(tf.zeros((1,) + self._image_shape, dtype))
-      super().__init__(forward_min_event_ndims=3, dtype=dtype, validate_args=validate_args,
-                       parameters=parameters, name=name)
-
-  def _shift_and_log_scale(self, x_cond):
-    batch = tf.shape(x_cond)[:-3]
-    flat = tf.reshape(x_cond, tf.concat([[-1], self._image_shape], 0))
-    shift, raw = tf.split(self.net(flat), 2, axis=-1)
-    shape = tf.concat([batch, self._image_shape], 0)
-    free = 1. - self._mask
-    return tf.reshape(shift, shape) * free, tf.reshape(_bounded_log_scale(raw), shape) * free
-
-  def _forward(self, x):
-    shift, log_scale = self._shift_and_log_scale(x * self._mask)
-    return x * tf.exp(log_scale) + shift
-
-  def _inverse(self, y):
-    shift, log_scale = self._shift_and_log_scale(y * self._mask)
-    return (y - shift) * tf.exp(-log_scale)
-
-  def _forward_log_det_jacobian(self, x):
-    _, log_scale = self._shift_and_log_scale(x * self._mask)
-    return tf.reduce_sum(log_scale, axis=[-3, -2, -1])
-
-  def _inverse_log_det_jacobian(self, y):
-    _, log_scale = self._shift_and_log_scale(y * self._mask)
-    return -tf.reduce_sum(log_scale, axis=[-3, -2, -1])
 
 
 def conv(event_shape, num_layers=4, filters=32, affine_stage=True, full_rank=None, seed=0,
@@ -407,6 +654,9 @@ def conv(event_shape, num_layers=4, filters=32, affine_stage=True, full_rank=Non
   if shape.rank != 3:
     raise ValueError(
         f"`event_shape` of a conv pre-generator must be [H, W, C], got {event_shape!r}.")
+  num_layers = _check_int("num_layers", num_layers, 0)
+  seed = _check_int("seed", seed, 0)
+  dtype = _check_dtype(dtype)
   couplings = [
       CheckerboardCoupling(tuple(shape.as_list()), parity=i % 2, filters=filters,
                            seed=1000 * (seed + i), dtype=dtype, name=f"coupling_{i}")
@@ -414,20 +664,20 @@ def conv(event_shape, num_layers=4, filters=32, affine_stage=True, full_rank=Non
   ]
   bijectors = list(reversed(couplings))
   if affine_stage:
-    stage = AffineStage(size, full_rank=size <= 1024 if full_rank is None else full_rank,
-                        dtype=dtype)
-    bijectors = [_flat(stage, shape, size, "affine")] + bijectors
+    bijectors = [_flat(_affine_stage(size, full_rank, dtype), shape, size, "affine")] + bijectors
   return tfb.Chain(bijectors, name=name)
 
 
 # Named small instances, one line each: `name: (event_shape, builder)`, with
-# `builder(event_shape)` returning the bijector. Property tests run over all of them.
+# `builder(event_shape, **kwargs)` returning the bijector (`kwargs` such as `dtype`, `seed`
+# go to the builder). Property tests run over all of them.
 REGISTRY = {
     "affine": ([5], affine),
-    "affine_diag": ([2, 3], lambda shape: affine(shape, full_rank=False)),
-    "real_nvp": ([4], lambda shape: real_nvp(shape, num_layers=2, hidden_units=(16,))),
-    "real_nvp_image": ([2, 2, 1], lambda shape: real_nvp(shape, num_layers=2, hidden_units=(8,))),
-    "iaf": ([4], lambda shape: iaf(shape, num_layers=2, hidden_units=(16,))),
-    "maf": ([3], lambda shape: maf(shape, num_layers=2, hidden_units=(16,))),
-    "conv": ([4, 4, 1], lambda shape: conv(shape, num_layers=2, filters=8)),
+    "affine_diag": ([2, 3], lambda shape, **kw: affine(shape, full_rank=False, **kw)),
+    "real_nvp": ([4], lambda shape, **kw: real_nvp(shape, num_layers=2, hidden_units=(16,), **kw)),
+    "real_nvp_image": ([2, 2, 1],
+                       lambda shape, **kw: real_nvp(shape, num_layers=2, hidden_units=(8,), **kw)),
+    "iaf": ([4], lambda shape, **kw: iaf(shape, num_layers=2, hidden_units=(16,), **kw)),
+    "maf": ([3], lambda shape, **kw: maf(shape, num_layers=2, hidden_units=(16,), **kw)),
+    "conv": ([4, 4, 1], lambda shape, **kw: conv(shape, num_layers=2, filters=8, **kw)),
 }
