@@ -39,6 +39,8 @@ tfd = tfp.distributions
 __all__ = ["ComposedPosterior", "NegativeElbo", "condition", "validate_prior"]
 
 _BASES = ("factorized", "mixture", "normal")
+# First likelihood weight of the geometric annealing schedule.
+_ANNEAL_START = 1e-3
 # Learning-rate multiplier of the factorized base's parameters.
 _BASE_RATE = 10.
 # Components per latent dimension (factorized) or in all (mixture) when not given.
@@ -679,7 +681,8 @@ class NegativeElbo:
     """`w_t` for optimizer step `t`."""
     if not self.anneal_steps:
       return tf.ones([], self.posterior.dtype)
-    weight = tf.minimum(1., tf.cast(step, tf.float32) / float(self.anneal_steps))
+    fraction = tf.minimum(1., tf.cast(step, tf.float32) / float(self.anneal_steps))
+    weight = tf.pow(_ANNEAL_START, 1. - fraction)
     if self.anneal_if is not None:
       weight = tf.where(self.anneal_if, weight, 1.)
     return tf.cast(weight, self.posterior.dtype)
