@@ -2,8 +2,9 @@
 
 Every fit uses the defaults plus a seed. Scores use 4,000 draws of `q`:
 
-* KL(q || p): Monte Carlo standard error about 0.005 nats here; the bound 0.1 is 20 of them
-  above the measured values (0.01 to 0.03 nats on the 2-block problems).
+* KL(q || p): Monte Carlo standard error 0.003 to 0.007 nats here; the bounds (0.1 for the
+  bimodal blocks, measured 0.013; 0.15 for the curved ones, measured 0.07) leave ten of
+  them, and stay under the D = 16 target of 0.3 nats.
 * energy ratio (energy distance to exact draws over its exact-vs-exact floor): 1 for exact
   draws with a standard error of about 0.15 here; the bound is the target, 3.
 * mode masses `P(x_{b,1} > 0 | y)`: an exact sampler's error is at most
@@ -62,7 +63,7 @@ def test_curved_nonlinear_blocks():
   posterior = tfc.ComposedPosterior(problem.prior, problem.likelihood, problem.observation)
   posterior.fit(seed=0, verbose=0)
   assert posterior.modes_found == 1  # A Laplace start, no annealing.
-  _check(_score(problem, posterior))
+  _check(_score(problem, posterior), kl_bound=0.15)
 
 
 def test_a_poor_fit_is_reported_with_its_refinement(bimodal):
