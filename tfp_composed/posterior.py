@@ -735,8 +735,8 @@ def _default_pregenerator(latent_shape, dtype):
                                     dtype=dtype)
 
 
-def condition(prior, likelihood, observation, pregenerator=None, num_components=8,
-              **fit_kwargs):
+def condition(prior, likelihood, observation, pregenerator=None, num_components=None,
+              base="factorized", **fit_kwargs):
   """Builds and fits a `ComposedPosterior` for `p(x | y)`; returns the fitted posterior.
 
   #### Examples
@@ -746,6 +746,6 @@ def condition(prior, likelihood, observation, pregenerator=None, num_components=
   ```
   """
   posterior = ComposedPosterior(prior, likelihood, observation, pregenerator=pregenerator,
-                                num_components=num_components)
+                                num_components=num_components, base=base)
   posterior.fit(**fit_kwargs)
   return posterior
