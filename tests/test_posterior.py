@@ -233,7 +233,7 @@ def test_latents_where_the_prior_overflows_do_not_stop_training():
                                       _OverflowsBeyond(edge))
   likelihood = tfc.likelihoods.Gaussian(tfc.operators.Mask([True, False]), scale=0.3)
   posterior = tfc.ComposedPosterior(prior, likelihood, observation=np.float32([2.5]),
-                                    num_components=1)
+                                    base="normal")
   z = tf.constant([[2.5, 0.], [3.5, 0.], [-4., 1.]])
   target = posterior.latent_target_log_prob(z).numpy()
   # Past the edge the target is -inf, row by row: the value at a latent never depends on
