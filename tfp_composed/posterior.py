@@ -574,6 +574,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
     batch_size = checks.positive_integer(batch_size, "batch_size")
     if init not in ("auto", "laplace", None) or isinstance(init, bool):
       raise ValueError(f"`init` must be 'auto', 'laplace' or None, got {init!r}.")
+    num_steps = checks.positive_integer(num_steps, "num_steps")
     if anneal_steps is None:  # Anneal when `q` starts at the prior.
       anneal_steps, gate = int(num_steps) // 2, self._from_prior
     else:
