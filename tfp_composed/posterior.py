@@ -394,7 +394,8 @@ class ComposedPosterior(tfd.TransformedDistribution):
     where `log q(z)` inverts `g` at fixed `z` (`p_w` is the tempered latent target). It
     moves mass between separated modes, which the reverse KL's gradient barely does. The
     returned value stays the negative ELBO (the added term's value is cancelled). Under
-    `shard`, the weights are normalized within each shard.
+    `shard`, the weights are normalized over all replicas' draws (an all-reduce in the
+    replica context), so the shards' gradients still add up to the unsharded one.
 
     This is the one definition of the objective: `fit` minimizes it.
 
@@ -422,11 +423,19 @@ class ComposedPosterior(tfd.TransformedDistribution):
     # Stratified draws: the draw of component k stands for mass w_k / n of q.
     log_is = tf.reshape(tf.stop_gradient(log_weights - terms), [-1])
     log_is = tf.where(tf.math.is_finite(log_is), log_is, tf.constant(-np.inf, log_is.dtype))
-    normalized = tf.stop_gradient(tf.nn.softmax(log_is))
+    top = tf.reduce_max(log_is)
+    if shard is not None:  # Normalize over all replicas' draws, as without sharding.
+      context = tf.distribute.get_replica_context()
+      top = tf.reduce_max(context.all_gather(top[tf.newaxis], axis=0))
+    unnormalized = tf.exp(log_is - top)
+    total = tf.reduce_sum(unnormalized)
+    if shard is not None:
+      total = context.all_reduce(tf.distribute.ReduceOp.SUM, total)
+    normalized = tf.stop_gradient(unnormalized / total)
     log_q = self.latent_posterior.log_prob(
         tf.reshape(tf.stop_gradient(z), tf.concat([[-1], self._latent_shape], 0)))
     log_q = tf.where(normalized > 0, log_q, tf.zeros_like(log_q))
-    forward = -tf.reduce_sum(normalized * log_q) / num_shards
+    forward = -tf.reduce_sum(normalized * log_q)
     lam = tf.cast(forward_weight, value.dtype)
     return value + lam * (forward - tf.stop_gradient(forward))
 
@@ -529,9 +538,11 @@ class ComposedPosterior(tfd.TransformedDistribution):
 
     * `initialize` searches the latent posterior's modes. One mode: `q` starts at its
       Laplace Gaussian (exact for linear-Gaussian problems) and `w_t = 1`. Several modes:
-      `q` starts at the prior, which covers every mode, and `w_t = min(1, 2 t / num_steps)`
-      anneals the likelihood in from 0, so each mode is reached before the barriers between
-      them rise.
+      `q` starts at the prior, which covers every mode, and the geometric schedule
+      `w_t = 1e-3^(1 - min(1, 2 t / num_steps))` anneals the likelihood in from ~0, spending
+      its early steps at small weights, where the modes separate (a linear schedule lost the
+      minor mode of a narrow two-mode posterior), so each mode is reached before the
+      barriers between them rise.
     * The factorized base `prod_d sum_k pi_dk N(eps_d; mu_dk, sigma_dk)` (see the class) can
       hold `K^D` joint modes with `D K` weights; the reverse KL would collapse them, the
       forward term does not (it is the only gradient of the weights `pi`, whose reverse-KL
@@ -557,8 +568,8 @@ class ComposedPosterior(tfd.TransformedDistribution):
       init: "auto" runs `initialize(seed=seed)` unless it has already run or a checkpoint is
         restored; "laplace" always runs it; None skips it (`q` stays where it is: at the
         prior for a new posterior).
-      anneal_steps: the likelihood weight rises linearly from 0 to 1 over these first steps;
-        None: `num_steps // 2` steps when `q` starts at the prior (several modes found, or
+      anneal_steps: an int: the likelihood weight rises linearly from 0 to 1 over these
+        first steps; None: geometrically over `num_steps // 2` steps when `q` starts at the prior (several modes found, or
         a new posterior fitted with `init=None`), none otherwise.
       forward_weight: `lam`, the weight of the mass-covering forward-KL gradient (0: the
         paper's reverse KL alone).
@@ -575,10 +586,10 @@ class ComposedPosterior(tfd.TransformedDistribution):
     if init not in ("auto", "laplace", None) or isinstance(init, bool):
       raise ValueError(f"`init` must be 'auto', 'laplace' or None, got {init!r}.")
     num_steps = checks.positive_integer(num_steps, "num_steps")
-    if anneal_steps is None:  # Anneal when `q` starts at the prior.
-      anneal_steps, gate = int(num_steps) // 2, self._from_prior
+    if anneal_steps is None:  # Anneal geometrically when `q` starts at the prior.
+      anneal_steps, gate, schedule = int(num_steps) // 2, self._from_prior, "geometric"
     else:
-      gate = None
+      gate, schedule = None, "linear"
     anneal_steps = checks.non_negative_integer(anneal_steps, "anneal_steps")
     if batch_size < self._num_strata:
       raise ValueError(
@@ -593,10 +604,10 @@ class ComposedPosterior(tfd.TransformedDistribution):
           stacklevel=2)
     # One objective object per setting, so repeated fits can reuse its compiled step.
     forward_weight = checks.non_negative_number(forward_weight, "forward_weight")
-    key = (batch_size, anneal_steps, gate is None, forward_weight)
+    key = (batch_size, anneal_steps, gate is None, forward_weight, schedule)
     if key not in self._objectives:
       self._objectives[key] = NegativeElbo(self, batch_size, anneal_steps, anneal_if=gate,
-                                           forward_weight=forward_weight)
+                                           forward_weight=forward_weight, schedule=schedule)
     objective = self._objectives[key]
 
     def on_fresh_start():
@@ -662,16 +673,24 @@ class NegativeElbo:
                              - w_t log p(y | f(z))],   z = g(eps),   w_t = min(1, t / T_anneal)
 
   (`ComposedPosterior.loss` with `batch_size` samples and the likelihood weight `w_t` of step
-  `t`; `w_t = 1` without annealing). The value at `w = 1` is `KL(q || p(. | y)) - log p(y)`.
+  `t`; `w_t = 1` without annealing; `schedule="geometric"`: `w_t = 1e-3^(1 - min(1, t /
+  T_anneal))`), plus `forward_weight` times the mass-covering gradient of `loss`. The value
+  at `w = 1` is `KL(q || p(. | y)) - log p(y)`.
 
   Args:
     posterior: the `ComposedPosterior`.
     batch_size: samples per step.
     anneal_steps: `T_anneal`; 0 for no annealing.
+    anneal_if: optional boolean variable: anneal only while it is True (else `w_t = 1`).
+    forward_weight: weight of the forward-KL gradient (see `ComposedPosterior.loss`).
+    schedule: "linear" or "geometric".
   """
 
   def __init__(self, posterior, batch_size, anneal_steps=0, anneal_if=None,
-               forward_weight=0.):
+               forward_weight=0., schedule="linear"):
+    if schedule not in ("linear", "geometric"):
+      raise ValueError(f"`schedule` must be 'linear' or 'geometric', got {schedule!r}.")
+    self.schedule = schedule
     self.posterior = posterior
     self.forward_weight = checks.non_negative_number(forward_weight, "forward_weight")
     self.batch_size = checks.positive_integer(batch_size, "batch_size")
@@ -683,7 +702,10 @@ class NegativeElbo:
     if not self.anneal_steps:
       return tf.ones([], self.posterior.dtype)
     fraction = tf.minimum(1., tf.cast(step, tf.float32) / float(self.anneal_steps))
-    weight = tf.pow(_ANNEAL_START, 1. - fraction)
+    if self.schedule == "linear":
+      weight = fraction
+    else:
+      weight = tf.pow(_ANNEAL_START, 1. - fraction)
     if self.anneal_if is not None:
       weight = tf.where(self.anneal_if, weight, 1.)
     return tf.cast(weight, self.posterior.dtype)
