@@ -42,6 +42,34 @@ __all__ = ["ComposedPosterior", "NegativeElbo", "condition", "validate_prior"]
 # diagonal (in the affine stage's whitened coordinates) above it.
 _FULL_COMPONENT_MAX_DIM = 64
 
+# ---- Large latents (images): defaults of `fit` above this many latent dimensions. ----------
+# Measured on the shipped MNIST Glow prior (784 dimensions; `experiments/image_defaults.py`,
+# results/image_defaults.md): a MAP + low-rank Laplace start, batches of 16 and about
+# `_LARGE_SAMPLE_DIMS / latent_size` steps reach a higher ELBO in under 2 minutes than 3000
+# steps from the prior; XLA compiled slower and ran each step slower there, so it stays off.
+LARGE_LATENT_SIZE = 256
+_LARGE_BATCH_SIZE = 16
+_LARGE_SAMPLE_DIMS = 1e6  # steps * latent size: the cost of a step grows with the latent.
+_LARGE_MIN_STEPS, _LARGE_MAX_STEPS = 200, 2000
+_LARGE_MAP_STARTS = 2
+_LARGE_MAP_ITERATIONS = 50
+_LARGE_LAPLACE_RANK = 64
+
+
+def large_latent_defaults(latent_size):
+  """`fit`'s defaults above `LARGE_LATENT_SIZE` latent dimensions, as a dict.
+
+  `num_steps = clip(round(1e6 / D, -1), 200, 2000)` for `D` latent dimensions (1280 for
+  MNIST's 784), `batch_size = 16`, `init = "map"` (`initialize_map`: 2-start L-BFGS MAP, 50
+  iterations, rank-64 Laplace), `jit_compile = False`.
+  """
+  latent_size = checks.positive_integer(latent_size, "latent_size")
+  steps = int(np.clip(round(_LARGE_SAMPLE_DIMS / latent_size, -1), _LARGE_MIN_STEPS,
+                      _LARGE_MAX_STEPS))
+  return {"num_steps": steps, "batch_size": _LARGE_BATCH_SIZE, "init": "map",
+          "jit_compile": False}
+# ---- end of the large-latent defaults. ------------------------------------------------------
+
 
 def _num_elements(shape):
   return int(np.prod(shape.as_list()))
@@ -195,7 +223,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
 
   @property
   def initialized(self):
-    """Whether `initialize` (the multi-start Laplace start) has run."""
+    """Whether a start (`initialize` or `initialize_map`) has run."""
     return self._initialized
 
   @property
@@ -392,16 +420,52 @@ class ComposedPosterior(tfd.TransformedDistribution):
     self.modes_found = num_modes
     return self
 
+  def initialize_map(self, num_starts=_LARGE_MAP_STARTS, seed=0,
+                     max_iterations=_LARGE_MAP_ITERATIONS, rank=_LARGE_LAPLACE_RANK):
+    """MAP + low-rank Laplace start for large latents (`fit`'s start above 256 dimensions).
+
+    `tfc.initialization.find_map` climbs the latent target by L-BFGS from `num_starts`
+    starts; `tfc.initialization.laplace_low_rank` approximates the curvature at the best
+    optimum `z*` by `Sigma^{-1} = D^{1/2} (I + V diag(lambda) V^T) D^{1/2}` (rank `rank`), and
+    the pre-generator's affine stage takes `N(z*, Sigma)` (full-rank: `L L^T = Sigma`;
+    diagonal: `diag(Sigma)`). The base mixture's components stay at `N(0, I)` in the
+    stage's whitened coordinates. Costs `(3 + num_starts * max_iterations)`-odd gradient
+    batches instead of the `D` Hessian-vector products of `initialize`.
+    """
+    found_locs, found_values = initialization.find_map(
+        self._target, num_starts=num_starts, seed=seed, max_iterations=max_iterations)
+    laplace = initialization.laplace_low_rank(self._target, found_locs[0], rank=rank,
+                                              seed=seed, value=found_values[0])
+    stage = pregenerators_lib.find_affine_stage(self._pregenerator)
+    if stage is None:
+      warnings.warn("The pre-generator has no affine stage: `initialize_map` changes nothing.",
+                    stacklevel=2)
+    elif stage.full_rank:
+      stage.set_gaussian(laplace.loc, laplace.covariance())
+    else:  # Only the diagonal: no dense [D, D] matrix.
+      stage.shift.assign(tf.cast(laplace.loc, stage.dtype))
+      stage.scale_diag.assign(tf.cast(np.sqrt(laplace.variance()), stage.dtype))
+    self._initialized.assign(True)
+    self.modes_found = 1
+    self.map_start = laplace
+    return self
+
   # ---------------------------------------------------------------- training
 
-  def fit(self, num_steps=2000, batch_size=64, learning_rate=1e-3, seed=0, callbacks=None,
+  def fit(self, num_steps=None, batch_size=None, learning_rate=1e-3, seed=0, callbacks=None,
           strategy=None, jit_compile=None, checkpoint_dir=None, verbose=1, init="auto",
           anneal_steps=0, **kwargs):
     """Fits the pre-generator (and base mixture) by minimizing `loss` with `training.fit`.
 
+    Above `LARGE_LATENT_SIZE` (256) latent dimensions the defaults are
+    `large_latent_defaults(latent_size)`: `num_steps = clip(round(1e6 / D, -1), 200, 2000)`,
+    `batch_size = 16`, `init = "auto"` meaning `initialize_map`, no XLA.
+
     Args:
-      num_steps: total optimizer steps (a resumed run counts the restored ones).
-      batch_size: samples per step, split evenly over the base mixture's components.
+      num_steps: total optimizer steps (a resumed run counts the restored ones); default
+        2000 (large latents: see above).
+      batch_size: samples per step, split evenly over the base mixture's components;
+        default 64 (large latents: 16).
       learning_rate: peak Adam learning rate (warm-up, then cosine decay).
       seed: int; step `t` uses the stateless seed `fold_in(seed, t)`.
       callbacks: `tf_keras` callbacks (see `training.fit`).
@@ -409,8 +473,10 @@ class ComposedPosterior(tfd.TransformedDistribution):
       jit_compile: compile the step with XLA.
       checkpoint_dir: a `tf.train.CheckpointManager` directory; resumes from it.
       verbose: 0 silent, 1 a progress bar.
-      init: "auto" runs `initialize(seed=seed)` unless it has already run or a checkpoint is
-        restored; "laplace" always runs it; None skips it.
+      init: "auto" runs `initialize(seed=seed)` (above 256 latent dimensions
+        `initialize_map(seed=seed)`) unless a start has already run or a checkpoint is
+        restored; "laplace" always runs `initialize`, "map" always `initialize_map`; None
+        skips both.
       anneal_steps: the likelihood weight rises linearly from 0 to 1 over these first steps.
       **kwargs: further options of `training.fit` (`steps_per_execution`,
         `checkpoint_every`, `max_bad_steps`, `clip_norm`).
@@ -420,9 +486,18 @@ class ComposedPosterior(tfd.TransformedDistribution):
       `likelihood_weight`.
     """
     from tfp_composed import training  # pylint: disable=g-import-not-at-top
+    if init not in ("auto", "laplace", "map", None) or isinstance(init, bool):
+      raise ValueError(f"`init` must be 'auto', 'laplace', 'map' or None, got {init!r}.")
+    # ---- Large-latent defaults (see `large_latent_defaults`).
+    large = self._latent_size > LARGE_LATENT_SIZE
+    defaults = large_latent_defaults(self._latent_size) if large else {
+        "num_steps": 2000, "batch_size": 64, "init": "laplace", "jit_compile": None}
+    num_steps = defaults["num_steps"] if num_steps is None else num_steps
+    batch_size = defaults["batch_size"] if batch_size is None else batch_size
+    jit_compile = defaults["jit_compile"] if jit_compile is None else jit_compile
+    auto_init = self.initialize_map if defaults["init"] == "map" else self.initialize
+    # ---- end of the large-latent defaults.
     batch_size = checks.positive_integer(batch_size, "batch_size")
-    if init not in ("auto", "laplace", None) or isinstance(init, bool):
-      raise ValueError(f"`init` must be 'auto', 'laplace' or None, got {init!r}.")
     anneal_steps = checks.non_negative_integer(anneal_steps, "anneal_steps")
     if batch_size < self._num_components:
       raise ValueError(
@@ -442,12 +517,18 @@ class ComposedPosterior(tfd.TransformedDistribution):
     objective = self._objectives[key]
 
     def on_fresh_start():
-      if init == "laplace" or (init == "auto" and not bool(self._initialized.numpy())):
+      if init == "laplace":
         self.initialize(seed=seed)
+      elif init == "map":
+        self.initialize_map(seed=seed)
+      elif init == "auto" and not bool(self._initialized.numpy()):
+        auto_init(seed=seed)
 
     def on_resume():
       if init == "laplace":
         self.initialize(seed=seed)
+      elif init == "map":
+        self.initialize_map(seed=seed)
 
     return training.fit(
         objective, self.trainable_variables, num_steps=num_steps,
