@@ -15,7 +15,9 @@ For large latents (images), where a dense Hessian costs `D` Hessian-vector produ
 approximates the curvature at the best one by the base's (diagonal) precision plus a
 low-rank part of the likelihood's, found by a randomized eigendecomposition [1]:
 
-    Sigma^{-1} ~= D^{1/2} (I + V diag(lambda) V^T) D^{1/2},   D = -diag grad^2 log p_base(z*).
+    Sigma^{-1} ~= D^{1/2} (I + V diag(lambda) V^T) D^{1/2},   D = -diag grad^2 log p_base(z*),
+
+and `fit_laplace_scales` rescales its variance inside and outside the span of `V` by ELBO.
 
 #### References
 
@@ -30,7 +32,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-__all__ = ["LowRankLaplace", "ModeMixture", "find_map", "find_modes", "laplace_low_rank"]
+from tfp_composed import checks
+
+__all__ = ["LowRankLaplace", "ModeMixture", "find_map", "find_modes", "fit_laplace_scales",
+           "laplace_low_rank"]
 
 _NEWTON_MAX_DIM = 16
 # Above this many latent dimensions `find_modes` uses fewer starts and one Hessian per mode
@@ -311,7 +316,11 @@ def _laplace(target, derivatives, mu, value, dtype, min_precision, newton_steps=
 
 @dataclasses.dataclass
 class LowRankLaplace:
-  """`N(loc, Sigma)` with `Sigma^{-1} = D^{1/2} (I + V diag(lambda) V^T) D^{1/2}` (NumPy, float64).
+  """`N(loc, Sigma)`, `Sigma = D^{-1/2} (a (I - V V^T) + V diag(b / (1 + lambda)) V^T) D^{-1/2}`.
+
+  With `a = b = 1` this is the Laplace approximation `Sigma^{-1} = D^{1/2} (I + V diag(lambda)
+  V^T) D^{1/2}`; `fit_laplace_scales` picks the variance factors `a` (outside the span of `V`)
+  and `b` (inside) by the Gaussian's ELBO. NumPy, float64.
 
   Attributes:
     loc: `[D]` the mode `z*`.
@@ -319,33 +328,78 @@ class LowRankLaplace:
     eigenvectors: `[D, r]` orthonormal `V` (in `D^{1/2}`-whitened coordinates).
     eigenvalues: `[r]` non-negative `lambda`, largest first.
     value: target value at `loc`.
+    complement_variance: `a`.
+    span_variance: `b`.
   """
   loc: np.ndarray
   base_precision: np.ndarray
   eigenvectors: np.ndarray
   eigenvalues: np.ndarray
   value: float
+  complement_variance: float = 1.
+  span_variance: float = 1.
 
-  def _shrink(self):
-    """`lambda / (1 + lambda)`: `(I + V diag(lambda) V^T)^{-1} = I - V diag(that) V^T`."""
-    return self.eigenvalues / (1. + self.eigenvalues)
+  def _span(self):
+    """Whitened variances `b / (1 + lambda)` along the columns of `V`."""
+    return self.span_variance / (1. + self.eigenvalues)
 
   def covariance(self):
-    """Dense `[D, D]` `Sigma = D^{-1/2} (I - V diag(lambda / (1 + lambda)) V^T) D^{-1/2}`."""
+    """Dense `[D, D]` `Sigma`."""
     inv_root = 1. / np.sqrt(self.base_precision)
     v = self.eigenvectors
-    white = np.eye(v.shape[0]) - (v * self._shrink()) @ v.T
+    a = self.complement_variance
+    white = a * np.eye(v.shape[0]) + (v * (self._span() - a)) @ v.T
     covariance = inv_root[:, None] * white * inv_root[None, :]
     return 0.5 * (covariance + covariance.T)
 
   def variance(self):
     """`diag(Sigma)` `[D]` without forming `Sigma`."""
-    white = 1. - np.sum(self.eigenvectors**2 * self._shrink(), axis=-1)
+    a = self.complement_variance
+    white = a + np.sum(self.eigenvectors**2 * (self._span() - a), axis=-1)
     return white / self.base_precision
 
   def log_det_covariance(self):
-    """`log det Sigma = -sum log D - sum log(1 + lambda)`."""
-    return float(-np.sum(np.log(self.base_precision)) - np.sum(np.log1p(self.eigenvalues)))
+    """`log det Sigma = -sum log D + (D - r) log a + sum log(b / (1 + lambda))`."""
+    size, rank = self.eigenvectors.shape
+    return float(-np.sum(np.log(self.base_precision))
+                 + (size - rank) * np.log(self.complement_variance)
+                 + np.sum(np.log(self._span())))
+
+  def sample(self, eps):
+    """`loc + Sigma^{1/2} eps` for standard-normal rows `eps` `[n, D]`."""
+    v = self.eigenvectors
+    coefficients = eps @ v
+    white = (np.sqrt(self.complement_variance) * (eps - coefficients @ v.T)
+             + (coefficients * np.sqrt(self._span())) @ v.T)
+    return self.loc + white / np.sqrt(self.base_precision)
+
+
+def fit_laplace_scales(target, laplace, seed=0, num_samples=32,
+                       complement_variances=(1., 0.3, 0.1, 0.03, 0.01),
+                       span_variances=(1., 0.5, 0.25)):
+  """Variance factors `(a, b)` of a `LowRankLaplace` with the best ELBO on `target`.
+
+  A flow's curvature at the mode understates how fast the target falls away from it in the
+  directions the low-rank part leaves at the base's scale. For each pair on the grid,
+  `ELBO(a, b) = mean_i target(z_i) + 1/2 log det(2 pi e Sigma_{a,b})` over `num_samples`
+  common draws `z_i = loc + Sigma_{a,b}^{1/2} eps_i`; non-finite values count as `-inf`.
+
+  Returns:
+    `(laplace with the best a, b, the best ELBO)`.
+  """
+  num_samples = checks.positive_integer(num_samples, "num_samples")
+  size = laplace.loc.shape[0]
+  eps = np.random.RandomState(seed % 2**31 + 1).randn(num_samples, size)
+  grid = [dataclasses.replace(laplace, complement_variance=float(a), span_variance=float(b))
+          for a in complement_variances for b in span_variances]
+  z = np.concatenate([g.sample(eps) for g in grid], axis=0)
+  values = target.flat_log_prob(tf.constant(z, target.dtype)).numpy().astype(np.float64)
+  values = np.where(np.isfinite(values), values, -np.inf).reshape(len(grid), num_samples)
+  entropy = np.array([0.5 * size * np.log(2. * np.pi * np.e) + 0.5 * g.log_det_covariance()
+                      for g in grid])
+  elbos = values.mean(axis=1) + entropy
+  best = int(np.argmax(np.where(np.isnan(elbos), -np.inf, elbos)))
+  return grid[best], float(elbos[best])
 
 
 def find_map(target, num_starts=4, seed=0, max_iterations=200, start_scale=0.5,
@@ -370,12 +424,8 @@ def find_map(target, num_starts=4, seed=0, max_iterations=200, start_scale=0.5,
     `(locs, values)`: `[num_starts, D]` optima and `[num_starts]` target values (NumPy,
     float64), best first.
   """
-  if isinstance(num_starts, bool) or not isinstance(num_starts, (int, np.integer)) \
-      or num_starts < 1:
-    raise ValueError(f"`num_starts` must be a positive integer, got {num_starts!r}.")
-  if isinstance(max_iterations, bool) or not isinstance(max_iterations, (int, np.integer)) \
-      or max_iterations < 1:
-    raise ValueError(f"`max_iterations` must be a positive integer, got {max_iterations!r}.")
+  num_starts = checks.positive_integer(num_starts, "num_starts")
+  max_iterations = checks.positive_integer(max_iterations, "max_iterations")
   if not start_scale >= 0.:
     raise ValueError(f"`start_scale` must be a non-negative number, got {start_scale!r}.")
   dtype = target.dtype
@@ -416,7 +466,7 @@ def find_map(target, num_starts=4, seed=0, max_iterations=200, start_scale=0.5,
   return locs[order], values[order]
 
 
-def laplace_low_rank(target, loc, rank=128, seed=0, num_power_iterations=1, chunk=64,
+def laplace_low_rank(target, loc, rank=56, seed=0, num_power_iterations=1, chunk=None,
                      value=None):
   """Low-rank-plus-diagonal Laplace approximation at a mode `loc` of `target`.
 
@@ -434,7 +484,8 @@ def laplace_low_rank(target, loc, rank=128, seed=0, num_power_iterations=1, chun
     rank: number of eigenpairs `r` kept (at most `D`).
     seed: int seed of the random test vectors.
     num_power_iterations: subspace iterations sharpening the range.
-    chunk: Hessian-vector products evaluated per call (memory).
+    chunk: Hessian-vector products evaluated per call (memory); default all `rank + 8`
+      at once. The last call is padded to the same size, so the products trace once.
     value: the target at `loc`, if known.
 
   Returns:
@@ -442,13 +493,13 @@ def laplace_low_rank(target, loc, rank=128, seed=0, num_power_iterations=1, chun
   """
   dtype = target.dtype
   size = target.latent_size
-  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-    raise ValueError(f"`rank` must be a positive integer, got {rank!r}.")
+  rank = checks.positive_integer(rank, "rank")
   loc = np.asarray(loc, np.float64)
   if loc.shape != (size,):
     raise ValueError(f"`loc` must have shape [{size}] (the flat latent), got {loc.shape}.")
   rank = min(int(rank), size)
   width = min(size, rank + 8)
+  chunk = width if chunk is None else min(width, checks.positive_integer(chunk, "chunk"))
   shape = target.latent_event_shape
 
   def base_log_prob(z_flat):
@@ -474,7 +525,9 @@ def laplace_low_rank(target, loc, rank=128, seed=0, num_power_iterations=1, chun
     out = []
     for i in range(0, vectors.shape[1], chunk):
       v = (vectors[:, i:i + chunk] * inv_root[:, None]).T
-      hv = likelihood_hvp(point, tf.constant(v, dtype)).numpy().astype(np.float64)
+      n = v.shape[0]
+      v = np.concatenate([v, np.zeros([chunk - n, size])], axis=0)  # One shape: one trace.
+      hv = likelihood_hvp(point, tf.constant(v, dtype)).numpy().astype(np.float64)[:n]
       out.append(-(hv * inv_root[None, :]).T)
     product = np.concatenate(out, axis=1)
     return np.where(np.isfinite(product), product, 0.)

@@ -53,7 +53,7 @@ _LARGE_SAMPLE_DIMS = 1e6  # steps * latent size: the cost of a step grows with t
 _LARGE_MIN_STEPS, _LARGE_MAX_STEPS = 200, 2000
 _LARGE_MAP_STARTS = 2
 _LARGE_MAP_ITERATIONS = 50
-_LARGE_LAPLACE_RANK = 64
+_LARGE_LAPLACE_RANK = 56
 
 
 def large_latent_defaults(latent_size):
@@ -61,7 +61,7 @@ def large_latent_defaults(latent_size):
 
   `num_steps = clip(round(1e6 / D, -1), 200, 2000)` for `D` latent dimensions (1280 for
   MNIST's 784), `batch_size = 16`, `init = "map"` (`initialize_map`: 2-start L-BFGS MAP, 50
-  iterations, rank-64 Laplace), `jit_compile = False`.
+  iterations, rank-56 Laplace), `jit_compile = False`.
   """
   latent_size = checks.positive_integer(latent_size, "latent_size")
   steps = int(np.clip(round(_LARGE_SAMPLE_DIMS / latent_size, -1), _LARGE_MIN_STEPS,
@@ -426,7 +426,8 @@ class ComposedPosterior(tfd.TransformedDistribution):
 
     `tfc.initialization.find_map` climbs the latent target by L-BFGS from `num_starts`
     starts; `tfc.initialization.laplace_low_rank` approximates the curvature at the best
-    optimum `z*` by `Sigma^{-1} = D^{1/2} (I + V diag(lambda) V^T) D^{1/2}` (rank `rank`), and
+    optimum `z*` by `Sigma^{-1} = D^{1/2} (I + V diag(lambda) V^T) D^{1/2}` (rank `rank`),
+    `tfc.initialization.fit_laplace_scales` rescales its variances by ELBO, and
     the pre-generator's affine stage takes `N(z*, Sigma)` (full-rank: `L L^T = Sigma`;
     diagonal: `diag(Sigma)`). The base mixture's components stay at `N(0, I)` in the
     stage's whitened coordinates. Costs `(3 + num_starts * max_iterations)`-odd gradient
@@ -436,6 +437,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
         self._target, num_starts=num_starts, seed=seed, max_iterations=max_iterations)
     laplace = initialization.laplace_low_rank(self._target, found_locs[0], rank=rank,
                                               seed=seed, value=found_values[0])
+    laplace, _ = initialization.fit_laplace_scales(self._target, laplace, seed=seed)
     stage = pregenerators_lib.find_affine_stage(self._pregenerator)
     if stage is None:
       warnings.warn("The pre-generator has no affine stage: `initialize_map` changes nothing.",
