@@ -42,6 +42,17 @@ def test_map_and_low_rank_laplace_are_exact_for_a_linear_gaussian_latent():
   # Rank 4 misses directions: covariance wider than the posterior's there.
   coarse = tfc.initialization.laplace_low_rank(target, locs[0], rank=4)
   assert coarse.log_det_covariance() > laplace.log_det_covariance() + 1.
+  # The exact Gaussian has the best ELBO of its rescalings; its samples have covariance Sigma.
+  fitted, _ = tfc.initialization.fit_laplace_scales(target, laplace)
+  assert (fitted.complement_variance, fitted.span_variance) == (1., 1.)
+  shrunk = tfc.initialization.LowRankLaplace(
+      laplace.loc, laplace.base_precision, laplace.eigenvectors, laplace.eigenvalues,
+      laplace.value, complement_variance=0.1, span_variance=0.5)
+  refitted, _ = tfc.initialization.fit_laplace_scales(target, shrunk)
+  assert (refitted.complement_variance, refitted.span_variance) == (1., 1.)
+  draws = laplace.sample(np.random.RandomState(1).randn(20000, 300))
+  # Monte Carlo error of a sample variance: sqrt(2 / n) = 1 % relative; 0.06 is 4 of them.
+  np.testing.assert_allclose(draws.var(axis=0), np.diag(covariance), rtol=0.06)
 
 
 @pytest.mark.parametrize("bad", [0, 2.5, True])
