@@ -28,6 +28,7 @@ setuptools.setup(
         "scipy>=1.11",
         "psutil>=5.9",
         "tensorboard>=2.20",
+        "arviz>=0.20,<0.24",  # PSIS k-hat (arviz.psislw) in tfp_composed.diagnostics.
     ],
     extras_require={
         "test": ["pytest>=8"],

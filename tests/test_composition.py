@@ -224,8 +224,8 @@ def test_gradient_of_the_posterior_density():
 
 # ---------------------------------------------------------------------------
 # TFP re-creates distributions from their `parameters`: `copy()`, slicing, and passing a
-# distribution (an AutoCompositeTensor) into a `tf.function`. ComposedPosterior rebuilds
-# fresh base-mixture variables there instead of sharing its fitted ones.
+# distribution (an AutoCompositeTensor) into a `tf.function`. The rebuilt posterior shares
+# the fitted variables; the likelihood and a non-composite prior are held by reference.
 
 
 @pytest.mark.parametrize("make_copy", [lambda d: d.copy(), lambda d: d[...]],
@@ -237,11 +237,70 @@ def test_copy_and_slice_keep_the_fitted_distribution(make_copy):
                              posterior.log_prob(x).numpy(), rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="the composite-tensor rebuild creates variables inside tf.function")
-def test_posterior_as_a_tf_function_argument():
+@pytest.mark.parametrize("index", [0, -1, (5, 3), slice(None), (Ellipsis, 0)],
+                         ids=["0", "-1", "5_3", "colon", "ellipsis_0"])
+def test_index_beyond_the_batch_shape_raises_like_tfp(index):
+  # TFP raises InvalidArgumentError for `tfd.Normal(0., 1.)[0]`; so does the posterior (its
+  # batch shape is []), with an error that is also an IndexError and says why.
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    tfd.Normal(0., 1.)[index]  # pylint: disable=expression-not-assigned
   posterior = _posterior("vector_iaf")
+  with pytest.raises(tfc.posterior.BatchIndexError,
+                     match=r"`ComposedPosterior` has batch shape \[\] \(it is one "
+                           r"distribution\): the index .* has no batch axis"):
+    posterior[index]  # pylint: disable=pointless-statement
+  assert issubclass(tfc.posterior.BatchIndexError, (IndexError,))
+
+
+@pytest.mark.parametrize("index, batch_shape", [
+    ((), []), (Ellipsis, []), (tf.newaxis, [1]), ((Ellipsis, tf.newaxis, tf.newaxis), [1, 1]),
+])
+def test_index_within_the_batch_shape_like_tfp(index, batch_shape):
+  posterior = _posterior("vector_iaf")
+  assert tfd.Normal(0., 1.)[index].batch_shape == batch_shape
+  sliced = posterior[index]
+  assert sliced.batch_shape == batch_shape and sliced.event_shape == posterior.event_shape
   x = tf.constant([[0.1, 0.2], [1., -1.]])
-  log_prob = tf.function(lambda dist, x: dist.log_prob(x))(posterior, x)
-  np.testing.assert_allclose(log_prob.numpy(), posterior.log_prob(x).numpy(), rtol=RTOL,
-                             atol=ATOL)
+  expected = posterior.log_prob(x).numpy().reshape([2] + [1] * len(batch_shape))
+  np.testing.assert_allclose(sliced.log_prob(tf.reshape(x, [2] + [1] * len(batch_shape) + [2]))
+                             .numpy(), expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["vector_iaf", "image_conv", "composite_prior"])
+def test_posterior_as_a_tf_function_argument(name):
+  if name == "composite_prior":  # A prior that is itself a composite tensor.
+    prior = tfd.TransformedDistribution(
+        tfd.Sample(tfd.Normal(0., 1.), [2]),
+        tfb.Chain([tfb.Shift(tf.Variable([0.3, 0.])),
+                   tfb.SinhArcsinh(skewness=tf.Variable([0.3, -0.2]))]))
+    assert isinstance(prior, tf.__internal__.CompositeTensor)
+    posterior = _perturb(tfc.ComposedPosterior(
+        prior, tfc.likelihoods.Gaussian(tfc.operators.Mask([True, False]), scale=0.3), [0.5],
+        pregenerator=tfc.pregenerators.affine([2]), num_components=2))
+  else:
+    posterior = _posterior(name)
+  x = tf.constant(np.full([2] + posterior.event_shape.as_list(), 0.1, np.float32))
+  traces = []
+
+  @tf.function
+  def log_prob_and_gradient(dist, x):
+    traces.append(1)
+    with tf.GradientTape() as tape:
+      log_prob = dist.log_prob(x)
+      total = tf.reduce_sum(log_prob)
+    return log_prob, tape.gradient(total, dist.trainable_variables)
+
+  def expected():
+    with tf.GradientTape() as tape:
+      log_prob = posterior.log_prob(x)
+      total = tf.reduce_sum(log_prob)
+    return log_prob, tape.gradient(total, posterior.trainable_variables)
+
+  for _ in range(2):
+    got, want = log_prob_and_gradient(posterior, x), expected()
+    np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=RTOL, atol=ATOL)
+    for g, w in zip(got[1], want[1]):
+      np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=RTOL, atol=ATOL)
+    # The traced function reads the variables' current values: move them, compare again.
+    _perturb(posterior, seed=len(traces) + 1, scale=0.1)
+  assert len(traces) == 1  # One trace per posterior object.

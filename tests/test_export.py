@@ -177,6 +177,73 @@ def test_overwrite_replaces_a_saved_model_and_an_empty_directory_is_used(tmp_pat
   assert sorted(os.listdir(tmp_path)) == ["model"]
 
 
+def _tree(root):
+  return sorted(os.path.relpath(os.path.join(d, n), root)
+                for d, dirs, files in os.walk(root) for n in dirs + files)
+
+
+@pytest.fixture
+def small():
+  return _posterior(num_components=1, neural=False)
+
+
+@pytest.mark.parametrize("path", ["", "   "])
+def test_empty_path_writes_nothing_in_the_working_directory(small, tmp_path, monkeypatch, path):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "keep.txt").write_text("x")
+  before = _tree(tmp_path)
+  with pytest.raises(ValueError, match=rf"`path` must name a directory to create, got "
+                                       rf"'{path}'; nothing was written"):
+    export.save(small, path, batch_size=2, signatures=["sample"])
+  assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("under", ["file/model", "file/deeper/model"])
+def test_path_under_a_file(small, tmp_path, under):
+  (tmp_path / "file").write_text("x")
+  before = _tree(tmp_path)
+  with pytest.raises(ValueError, match=r"`path` .* is under '.*file', which is a file, not a "
+                                       r"directory; nothing was written"):
+    export.save(small, tmp_path / under, batch_size=2, signatures=["sample"])
+  assert _tree(tmp_path) == before and (tmp_path / "file").read_text() == "x"
+
+
+def test_missing_parents_are_created_and_removed_again_on_failure(small, tmp_path,
+                                                                   monkeypatch):
+  export.save(small, tmp_path / "a" / "b" / "model", batch_size=2, signatures=["sample"])
+  assert _tree(tmp_path) == ["a", "a/b", "a/b/model"] + [
+      os.path.join("a/b/model", n) for n in _tree(tmp_path / "a" / "b" / "model")]
+
+  def fail(*args, **kwargs):
+    os.makedirs(args[1])  # Fail after writing into the temporary directory.
+    raise RuntimeError("disk full")
+
+  monkeypatch.setattr(tf.saved_model, "save", fail)
+  before = _tree(tmp_path)
+  with pytest.raises(RuntimeError, match="disk full"):
+    export.save(small, tmp_path / "c" / "d" / "model", batch_size=2, signatures=["sample"])
+  assert _tree(tmp_path) == before
+
+
+def test_a_failed_replacement_keeps_the_previous_model(small, tmp_path, monkeypatch):
+  path = tmp_path / "model"
+  export.save(small, path, batch_size=2, signatures=["sample"])
+  before = _tree(tmp_path)
+  real_rename = tf.io.gfile.rename
+
+  def rename(src, dst, overwrite=False):
+    if ".export-" in src:
+      raise OSError("rename failed")
+    return real_rename(src, dst, overwrite)
+
+  monkeypatch.setattr(tf.io.gfile, "rename", rename)
+  with pytest.raises(OSError, match="rename failed"):
+    export.save(small, path, batch_size=3, signatures=["sample"], overwrite=True)
+  monkeypatch.undo()
+  assert _tree(tmp_path) == before
+  assert export.load(path).sample(tf.constant([0, 1])).shape == [2, 2]
+
+
 @pytest.mark.parametrize("bad", [tfd.Normal(0., 1.), "posterior", None])
 def test_not_a_posterior_is_a_type_error(bad, tmp_path):
   with pytest.raises(TypeError, match=r"`posterior` must be a tfp_composed.ComposedPosterior"):

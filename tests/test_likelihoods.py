@@ -146,6 +146,32 @@ def test_float64_signal_with_float32_scale():
   np.testing.assert_allclose(log_prob.numpy(), 3. * scipy.stats.t.logpdf(1., 4.), rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["gaussian", "laplace", "student_t"])
+def test_dtype_follows_the_prior_it_is_built_on(name):
+  likelihood = LIKELIHOODS[name](ops.Mask(_MASK))
+  assert likelihood.dtype == tf.float32  # The default until it is built on a prior.
+  assert likelihood.build([4, 4, 1], dtype=tf.float64) is likelihood
+  assert likelihood.dtype == likelihood.scale.dtype == tf.float64
+  assert likelihood.scale.numpy() == 0.3  # Re-created from the given value, not from float32.
+  y = likelihood.check_observation(np.array([0.1, 0.2, 0.3]))
+  assert y.dtype == tf.float64 and y.numpy()[0] == 0.1
+  log_prob = likelihood.log_prob(y, np.zeros([2, 4, 4, 1]))
+  assert log_prob.dtype == tf.float64
+  likelihood.build([4, 4, 1], dtype=tf.float64)  # Idempotent.
+  with pytest.raises(TypeError, match=r"`dtype` is float64 \(adopted from the prior"):
+    likelihood.build([4, 4, 1], dtype=tf.float32)
+
+
+def test_explicit_dtype_is_kept_and_a_conflict_is_an_error():
+  likelihood = likelihoods.Gaussian(_mask_op(), scale=0.3, dtype=tf.float64)
+  likelihood.build([4, 4, 1], dtype=tf.float64)
+  with pytest.raises(TypeError, match=r"`dtype` is float64 \(passed to its constructor\) but "
+                                      r"the prior's dtype is float32"):
+    likelihood.build([4, 4, 1], dtype=tf.float32)
+  with pytest.raises(TypeError, match=r"`dtype` must be a floating dtype, got int32"):
+    likelihoods.Gaussian(_mask_op(), scale=0.3, dtype=tf.int32)
+
+
 def test_parameters_are_constants_not_variables():
   likelihood = likelihoods.StudentT(_mask_op(), df=3., scale=0.1)
   assert not likelihood.trainable_variables and not likelihood.variables
@@ -226,15 +252,41 @@ def test_scale_must_be_real():
     likelihoods.Gaussian(_mask_op(), scale=tf.Variable(0.1))
 
 
-def test_noise_fn_must_have_scalar_events_over_loc():
-  likelihood = likelihoods.Likelihood(_mask_op(), lambda loc: tfd.MultivariateNormalDiag(loc))
+def test_noise_fn_is_probed_at_construction():
+  # A wrong `noise_fn` is an error when the likelihood is made, not inside a trace of `fit`.
+  with pytest.raises(ValueError,
+                     match=re.escape("`noise_fn` must return a distribution with batch "
+                                     "shape [1, 3] (the shape of `loc`) and scalar events, got "
+                                     "batch shape [1] and event shape [3]")):
+    likelihoods.Likelihood(_mask_op(), lambda loc: tfd.MultivariateNormalDiag(loc))
+  with pytest.raises(TypeError, match=r"`noise_fn` must return a `tfd.Distribution`, got "
+                                      r"<tf.Tensor.* of type EagerTensor"):
+    likelihoods.Likelihood(_mask_op(), lambda loc: loc)
+  with pytest.raises(ValueError, match=r"`noise_fn` must return a distribution with batch shape "
+                                       r"\[1, 3\].*got batch shape \[\]"):
+    likelihoods.Likelihood(_mask_op(), lambda loc: tfd.Normal(0., 1.))
+
+  def raises(loc):
+    raise RuntimeError("no noise here")
+
+  with pytest.raises(ValueError, match=r"`noise_fn` must map `loc` of shape \[1, 3\] .*Mask.*"
+                                       r"raised RuntimeError: no noise here"):
+    likelihoods.Likelihood(_mask_op(), raises)
+
+
+def test_noise_fn_is_probed_at_build_when_the_shape_comes_later():
+  likelihood = likelihoods.Likelihood(ops.Downsample(2), lambda loc: loc)  # Shape unknown yet.
+  with pytest.raises(TypeError, match=r"`noise_fn` must return a `tfd.Distribution`"):
+    likelihood.build([4, 4, 1])
+
+
+def test_noise_fn_wrong_batch_shape_beyond_the_probe():
+  # Right on a batch of one, wrong for larger batches: caught where the batch appears.
+  likelihood = likelihoods.Likelihood(_mask_op(), lambda loc: tfd.Normal(loc[:1], 1.))
   with pytest.raises(ValueError,
                      match=re.escape("`noise_fn` must return a distribution with batch "
                                      "shape [2, 3]")):
     likelihood.distribution(np.zeros([2, 4, 4, 1], np.float32))
-  not_a_distribution = likelihoods.Likelihood(_mask_op(), lambda loc: loc)
-  with pytest.raises(TypeError, match="`noise_fn` must return a `tfd.Distribution`"):
-    not_a_distribution.distribution(np.zeros([4, 4, 1], np.float32))
 
 
 def test_check_observation_converts_and_validates():

@@ -363,6 +363,38 @@ def test_lambda_errors():
     ops.Lambda(tf.reduce_sum, input_shape=[3])
 
 
+def test_lambda_is_probed_at_build_even_with_an_output_shape():
+  # A contradicting `output_shape` or a raising `fn` is found at build, not inside a trace.
+  with pytest.raises(ValueError, match=r"`fn` must return shape \[N\] \+ `output_shape` = \[N\] \+ "
+                                       r"\[3\]; on zeros of shape \[1, 2\] it returned shape "
+                                       r"\[1, 2\]"):
+    ops.Lambda(tf.identity, output_shape=[3], input_shape=[2])
+  late = ops.Lambda(tf.identity, output_shape=[3])
+  with pytest.raises(ValueError, match=r"`fn` must return shape \[N\] \+ `output_shape`"):
+    late.build([2])
+
+  def broken(x):
+    return tf.linalg.matmul(x, tf.ones([5, 1]))  # Input has 2 columns, not 5.
+
+  for output_shape in (None, [1]):
+    with pytest.raises(ValueError, match=r"`fn` must map a batch \[N\] \+ input_shape to \[N\] \+ "
+                                         r"output_shape; on zeros of shape \[1, 2\] \(float32\) it "
+                                         r"raised InvalidArgumentError"):
+      ops.Lambda(broken, output_shape=output_shape, input_shape=[2])
+  with pytest.raises(TypeError, match=r"`fn` must return a floating tensor.*dtype int32"):
+    ops.Lambda(lambda x: tf.cast(x, tf.int32), input_shape=[2])
+
+
+def test_lambda_probe_dtype():
+  matrix = tf.constant([[1.], [2.]], tf.float64)
+  fn = lambda x: tf.linalg.matmul(x, matrix)  # noqa: E731  float64 inputs only.
+  with pytest.raises(ValueError, match=r"\(float32\) it raised"):
+    ops.Lambda(fn, input_shape=[2])
+  op = ops.Lambda(fn, input_shape=[2], dtype=tf.float64)
+  assert op.output_shape == [1]
+  assert op(np.ones([3, 2])).dtype == tf.float64
+
+
 def test_string_input_is_a_type_error():
   with pytest.raises(TypeError, match="`x` must be a real floating-point tensor, got dtype string"):
     ops.Identity(input_shape=[2])(tf.constant(["a", "b"]))

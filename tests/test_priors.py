@@ -4,8 +4,10 @@ Each property test is parametrized over `BUILDERS` (tiny shapes, two coupling la
 so a new architecture is tested by adding one line.
 """
 
+import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -103,6 +105,73 @@ def test_every_variable_receives_a_gradient(name):
   grads = tape.gradient(loss, variables)
   assert all(g is not None and np.all(np.isfinite(g.numpy())) for g in grads)
   assert all(float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
+
+
+# ---------------------------------------------------------------------------
+# A damaged prior directory is a clear error naming the file; nothing in it is changed.
+
+
+@pytest.fixture(scope="module")
+def saved_prior(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("prior") / "realnvp")
+  priors.save(BUILDERS["realnvp"](), directory)
+  return directory
+
+
+def _damaged(saved_prior, tmp_path, damage):
+  directory = str(tmp_path / "damaged")
+  shutil.copytree(saved_prior, directory)
+  damage(directory)
+  files = {n: open(os.path.join(directory, n), "rb").read() for n in os.listdir(directory)}
+  return directory, files
+
+
+def _write_config(directory, text=None, **kwargs):
+  path = os.path.join(directory, "config.json")
+  if text is None:
+    with open(path) as f:
+      config = json.load(f)
+    config["kwargs"].update(kwargs)
+    text = json.dumps(config)
+  with open(path, "w" if isinstance(text, str) else "wb") as f:
+    f.write(text)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda d: _write_config(d, '{"architecture": "realnvp", "kwar'),
+     r"config.json' is not valid JSON \(Unterminated string .*: line 1, column 29, of 33 "
+     r"characters\); the file may be truncated"),
+    (lambda d: _write_config(d, ""), r"config.json' is not valid JSON \(Expecting value"),
+    (lambda d: _write_config(d, b"\xc1\x00garbage"), r"config.json' is not a UTF-8 JSON file"),
+    (lambda d: _write_config(d, "[1, 2]"),
+     r"config.json' must hold a JSON object with an 'architecture' .*got \[1, 2\]"),
+    (lambda d: _write_config(d, foo=1), r"config.json' does not describe a prior that tfc.priors "
+                                        r"can build .*unexpected keyword argument 'foo'"),
+    (lambda d: _write_config(d, hidden_channels=16),
+     r"The checkpoint '.*damaged/variables' does not match the architecture in '.*config.json' "
+     r"\('realnvp' with kwargs .*'hidden_channels': 16.*incompatible tensor with shape \(8,\)"),
+    (lambda d: _write_config(d, num_final=3), r"does not match the architecture .*Found 12 "
+                                              r"Python objects that were not bound"),
+    (lambda d: _write_config(d, num_final=1), r"does not match the architecture .*Unresolved "
+                                              r"object in checkpoint"),
+    (lambda d: os.remove(os.path.join(d, "variables.index")),
+     r"has a config.json but no checkpoint '.*variables.index'"),
+    (lambda d: open(os.path.join(d, "variables.index"), "wb").write(b"\x00" * 64),
+     r"The checkpoint '.*variables' is corrupt or unreadable"),
+], ids=["truncated", "empty", "binary", "not_an_object", "unknown_kwarg", "wider_layers",
+        "more_layers", "fewer_layers", "no_checkpoint", "corrupt_index"])
+def test_damaged_prior_directory(saved_prior, tmp_path, damage, match):
+  directory, files = _damaged(saved_prior, tmp_path, damage)
+  with pytest.raises(ValueError, match=match):
+    priors.load(directory)
+  assert {n: open(os.path.join(directory, n), "rb").read()
+          for n in os.listdir(directory)} == files
+
+
+def test_load_config_names_a_truncated_file(saved_prior, tmp_path):
+  directory, _ = _damaged(saved_prior, tmp_path, lambda d: _write_config(d, '{"a": '))
+  with pytest.raises(ValueError, match=r"damaged/config.json' is not valid JSON"):
+    priors.load_config(directory)
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))

@@ -1,12 +1,20 @@
 """The fit loop: resume from checkpoints, distribution strategies, NaN guard, callbacks."""
 
+import glob
+import os
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_probability as tfp
 import tf_keras
 
 import problems
 import tfp_composed as tfc
+
+tfb = tfp.bijectors
+tfd = tfp.distributions
 
 
 def _posterior(num_components=2, likelihood=None, observation=(0.6,)):
@@ -26,7 +34,8 @@ class _Interrupt(tf_keras.callbacks.Callback):
     self.at = at
 
   def on_train_batch_end(self, batch, logs=None):
-    if batch == self.at:
+    # `batch` counts within the epoch; `iterations` counts the steps reported so far.
+    if int(self.model.optimizer.iterations) == self.at + 1:
       raise KeyboardInterrupt
 
 
@@ -95,7 +104,7 @@ def test_callbacks_history_and_early_stop():
 
     def on_train_batch_end(self, batch, logs=None):
       seen.append(logs)
-      if batch >= 25:
+      if int(self.model.optimizer.iterations) > 25:
         self.model.stop_training = True
 
   history = _posterior().fit(num_steps=200, seed=0, verbose=0, steps_per_execution=10,
@@ -142,3 +151,216 @@ def test_the_loop_trains_any_loss_over_explicit_variables():
   assert abs(float(w.numpy()[0]) - 3.) < 0.05  # Converged within the noise (0.1 / 8).
   assert float(other.numpy()[0]) == 5.
   np.testing.assert_array_equal(history.history["step_seen"], np.arange(300))
+
+
+# ---------------------------------------------------------------------------
+# TensorBoard, progress bar, convergence.
+
+
+def _events(directory):
+  """`[(step, tag, plugin, value)]` of every event under `directory`."""
+  out = []
+  for path in sorted(glob.glob(os.path.join(directory, "**", "events.out.tfevents.*"),
+                               recursive=True)):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        plugin = v.metadata.plugin_data.plugin_name
+        value = (float(tf.make_ndarray(v.tensor)) if plugin == "scalars"
+                 else list(v.tensor.string_val[:2]))
+        out.append((event.step, v.tag, plugin, value))
+  return out
+
+
+def test_log_dir_writes_every_steps_logs_as_scalars(tmp_path):
+  history = _posterior().fit(num_steps=30, seed=0, verbose=0, init=None, anneal_steps=10,
+                             steps_per_execution=10, log_dir=str(tmp_path)).history
+  scalars = {}
+  for step, tag, plugin, value in _events(str(tmp_path)):
+    assert plugin == "scalars"
+    scalars.setdefault(tag, {})[step] = value
+  assert set(scalars) == {"train/loss", "train/grad_norm", "train/learning_rate",
+                          "train/likelihood_weight"}
+  for tag, values in scalars.items():
+    name = tag.split("/")[1]
+    assert sorted(values) == list(range(1, 31))  # Step t is written at t + 1.
+    np.testing.assert_allclose([values[t + 1] for t in range(30)], history[name], rtol=1e-6)
+
+
+def _image_posterior():
+  prior = tfd.TransformedDistribution(
+      tfd.Sample(tfd.Normal(0., 1.), [4, 4, 1]),
+      tfb.Chain([tfb.Shift(tf.Variable(0.5)), tfb.Scale(tf.Variable(0.2))]))
+  mask = np.zeros([4, 4, 1], bool)
+  mask[:2] = True
+  likelihood = tfc.likelihoods.Gaussian(tfc.operators.Mask(mask), scale=0.1)
+  return tfc.ComposedPosterior(
+      prior, likelihood, np.full([8], 0.7, np.float32), num_components=1,
+      pregenerator=tfc.pregenerators.affine([4, 4, 1], full_rank=False))
+
+
+def test_image_posteriors_write_sample_grids_mean_and_std(tmp_path):
+  _image_posterior().fit(num_steps=20, seed=0, verbose=0, init=None, steps_per_execution=5,
+                         log_dir=str(tmp_path), image_every=10)
+  images = [(step, tag, value) for step, tag, plugin, value in _events(str(tmp_path))
+            if plugin == "images"]
+  # 64 draws of 4x4 images in an 8 x 8 grid; mean and std at the image's size.
+  assert sorted(images) == sorted(
+      [(s, "posterior/samples", [b"32", b"32"]) for s in (10, 20)]
+      + [(s, t, [b"4", b"4"]) for s in (10, 20) for t in ("posterior/mean", "posterior/std")])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(image_every=10, log_dir="{tmp}"), r"`image_every` needs an image-shaped event .* "
+                                            r"got event shape \(2,\)"),
+    (dict(image_every=10), r"`image_every` \(10\) needs `log_dir`, got log_dir=None"),
+    (dict(image_every=0, log_dir="{tmp}"), r"`image_every` must be a positive integer, got 0"),
+])
+def test_image_summaries_arguments(tmp_path, kwargs, match):
+  kwargs = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in kwargs.items()}
+  with pytest.raises(ValueError, match=match):
+    _posterior().fit(num_steps=2, verbose=0, init=None, **kwargs)
+
+
+def test_progress_bar_shows_the_recent_mean_loss(capsys):
+  # The loss of step t is t: the mean of the last 50 of 100 steps is 74.5 (the mean since the
+  # start would be 49.5).
+  w = tf.Variable([1.])
+
+  def loss(seed, step, shard):
+    del seed, shard
+    return tf.cast(step, tf.float32) + 0. * tf.reduce_sum(w), {"weight": tf.constant(0.25)}
+
+  tfc.training.fit(loss, [w], num_steps=100, verbose=1, steps_per_execution=10,
+                   convergence=None)
+  out = capsys.readouterr().out
+  last = out.strip().replace("\r", "\n").splitlines()[-1]
+  assert "100/100" in last and "loss: 74.5000" in last, last
+  assert "grad_norm: 0.0000e+00" in last and "weight: 0.2500" in last, last
+
+
+def _noisy_quadratic():
+  w = tf.Variable([0.])
+
+  def loss(seed, step, shard):
+    u = tf.random.stateless_normal([64], seed)
+    return tf.reduce_mean((w - 3. - 0.1 * u)**2), {}
+
+  return w, loss
+
+
+def test_convergence_stops_early_on_a_converged_quadratic():
+  w, loss = _noisy_quadratic()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # Converged: no warning.
+    history = tfc.training.fit(loss, [w], num_steps=3000, learning_rate=0.1, verbose=0,
+                               convergence="stop")
+  assert history.converged is True
+  assert len(history.history["loss"]) < 1000, len(history.history["loss"])
+  assert abs(history.convergence["change"]) < 2 * history.convergence["standard_error"]
+  assert abs(float(w.numpy()[0]) - 3.) < 0.05
+
+
+def test_convergence_warns_when_the_loss_is_still_falling():
+  w, loss = _noisy_quadratic()
+  with pytest.warns(UserWarning, match=r"has not converged: the mean loss of the last 100 "
+                                       r"steps changed by -"):
+    history = tfc.training.fit(loss, [w], num_steps=300, learning_rate=1e-3, verbose=0)
+  assert history.converged is False and len(history.history["loss"]) == 300
+  assert -history.convergence["change"] > 10 * history.convergence["standard_error"]
+
+
+def test_short_fits_are_not_judged():
+  w, loss = _noisy_quadratic()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    history = tfc.training.fit(loss, [w], num_steps=150, learning_rate=1e-3, verbose=0)
+  assert history.converged is None and history.convergence is None
+
+
+# ---------------------------------------------------------------------------
+# Bad input at the door: clear errors, nothing saved lost.
+
+
+def _snapshot(directory):
+  return {name: open(os.path.join(directory, name), "rb").read()
+          for name in sorted(os.listdir(directory))}
+
+
+def test_checkpoint_dir_that_is_a_file(tmp_path):
+  path = tmp_path / "file"
+  path.write_text("precious")
+  w, loss = _noisy_quadratic()
+  with pytest.raises(ValueError, match=r"`checkpoint_dir` must be a directory, got '.*file', "
+                                       r"an existing file"):
+    tfc.training.fit(loss, [w], num_steps=5, verbose=0, checkpoint_dir=str(path))
+  assert path.read_text() == "precious" and w.numpy()[0] == 0.
+  with pytest.raises(ValueError, match=r"`log_dir` must be a directory"):
+    tfc.training.fit(loss, [w], num_steps=5, verbose=0, log_dir=str(path))
+
+
+def _checkpointed(tmp_path, num_steps=40):
+  directory = str(tmp_path / "ckpt")
+  w, loss = _noisy_quadratic()
+  tfc.training.fit(loss, [w], num_steps=num_steps, verbose=0, checkpoint_dir=directory,
+                   steps_per_execution=10, convergence=None)
+  return directory, w.numpy().copy()
+
+
+def test_truncated_checkpoint_data_is_a_clear_error_and_left_untouched(tmp_path):
+  directory, _ = _checkpointed(tmp_path)
+  for path in glob.glob(os.path.join(directory, "*.data-*")):
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  files = _snapshot(directory)
+  w, loss = _noisy_quadratic()
+  with pytest.raises(ValueError, match=r"`checkpoint_dir` .*ckpt.* holds a checkpoint .* "
+                                       r"corrupt .* left untouched"):
+    tfc.training.fit(loss, [w], num_steps=80, verbose=0, checkpoint_dir=directory)
+  assert _snapshot(directory) == files and w.numpy()[0] == 0.
+
+
+def test_resuming_past_num_steps_warns_and_keeps_the_checkpoint(tmp_path):
+  directory, fitted = _checkpointed(tmp_path, num_steps=40)
+  files = _snapshot(directory)
+  w, loss = _noisy_quadratic()
+  with pytest.warns(UserWarning, match=r"`num_steps` 30 is below the step 40 of the restored "
+                                       r"checkpoint: nothing was trained"):
+    history = tfc.training.fit(loss, [w], num_steps=30, verbose=0, checkpoint_dir=directory)
+  assert history.history == {}
+  np.testing.assert_array_equal(w.numpy(), fitted)
+  assert _snapshot(directory) == files
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(verbose="x"), r"`verbose` must be 0, 1, 2 or 'auto', got 'x'"),
+    (dict(verbose=3), r"`verbose` must be 0, 1, 2 or 'auto', got 3"),
+    (dict(convergence="sometimes"), r"`convergence` must be 'warn', 'stop', None or a "
+                                    r"training.Convergence, got 'sometimes'"),
+    (dict(steps_per_epoch=0), r"`steps_per_epoch` must be a positive integer, got 0"),
+    (dict(summary_fn=print), r"`summary_fn` must be a callable and needs `log_dir`"),
+])
+def test_more_bad_arguments(kwargs, match):
+  w, loss = _noisy_quadratic()
+  with pytest.raises(ValueError, match=match):
+    tfc.training.fit(loss, [w], num_steps=5, **kwargs)
+
+
+def test_numpy_scalars_are_accepted():
+  w, loss = _noisy_quadratic()
+  history = tfc.training.fit(loss, [w], num_steps=np.int64(5), learning_rate=np.float32(1e-3),
+                             clip_norm=np.float64(10.), verbose=np.int32(0))
+  np.testing.assert_allclose(history.history["learning_rate"][0], 1e-3, rtol=1e-6)
+
+
+def test_the_compiled_burst_has_no_host_round_trips():
+  # Everything between two host synchronizations is graph ops: no py_function, no numpy.
+  w, loss = _noisy_quadratic()
+  tfc.training.fit(loss, [w], num_steps=5, verbose=0)
+  runner, = tfc.training._RUNNERS[loss].values()  # pylint: disable=protected-access
+  graph = runner.run_steps.get_concrete_function(
+      *[tf.TensorSpec([], tf.int32), tf.TensorSpec([2], tf.int32)]
+      + [tf.TensorSpec([], d) for d in (tf.float32, tf.float32, tf.float32, tf.bool)]
+  ).graph.as_graph_def()
+  ops = {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+  assert "While" in ops or "StatelessWhile" in ops
+  assert not ops & {"PyFunc", "EagerPyFunc", "PyFuncStateless"}, ops

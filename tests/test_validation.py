@@ -92,6 +92,55 @@ def test_prior_with_scalar_events():
     _posterior(prior=prior)
 
 
+@pytest.mark.parametrize("base, shown", [
+    (tfd.Sample(tfd.Poisson(1.), [2]), r"Poisson \(in Sample\(Poisson\)\)"),
+    (tfd.Sample(tfd.Bernoulli(probs=0.5, dtype=tf.float32), [2]), r"Bernoulli"),
+    (tfd.Empirical(tf.zeros([3, 2]), event_ndims=1), r"Empirical"),
+], ids=["poisson", "bernoulli", "empirical"])
+def test_discrete_base_is_rejected(base, shown):
+  prior = tfd.TransformedDistribution(base, tfb.Shift(tf.Variable([0.3, 0.])))
+  with pytest.raises(TypeError, match=rf"`prior`'s base distribution must be continuous, with "
+                                      rf"support R\^d.*got the discrete {shown}"):
+    _posterior(prior=prior)
+
+
+@pytest.mark.parametrize("base, shown", [
+    (tfd.Sample(tfd.Uniform(0., 1.), [2]), "Sample\\(Uniform\\)"),
+    (tfd.Independent(tfd.Uniform(tf.zeros(2), 1.), 1), "Independent\\(Uniform\\)"),
+    (tfd.Sample(tfd.Gamma(2., 1.), [2]), "Sample\\(Gamma\\)"),
+    (tfd.MixtureSameFamily(tfd.Categorical(logits=[0., 0.]),
+                           tfd.Independent(tfd.Uniform(tf.zeros([2, 2]), 1.), 1)),
+     "Independent\\(Uniform\\) \\(in MixtureSameFamily"),
+], ids=["uniform", "independent_uniform", "gamma", "mixture_of_uniforms"])
+def test_base_with_bounded_support_is_rejected_at_construction(base, shown):
+  prior = tfd.TransformedDistribution(base, tfb.Shift(tf.Variable([0.3, 0.])))
+  with pytest.raises(ValueError, match=rf"`prior`'s base distribution must have support R\^d .*"
+                                       rf"got {shown}.* with bounded support .*"
+                                       rf"tfb.NormalCDF\(\)"):
+    _posterior(prior=prior)
+
+
+def test_the_suggested_unconstrained_base_is_the_same_prior():
+  shift = tfb.Shift(tf.Variable([0.3, 0.]))
+  uniform = tfd.TransformedDistribution(tfd.Sample(tfd.Uniform(0., 1.), [2]), shift)
+  normal = tfd.TransformedDistribution(tfd.Sample(tfd.Normal(0., 1.), [2]),
+                                       tfb.Chain([shift, tfb.NormalCDF()]))
+  x = tf.constant([[0.5, 0.2], [1.2, 0.9]])
+  np.testing.assert_allclose(normal.log_prob(x).numpy(), uniform.log_prob(x).numpy(),
+                             atol=1e-5)
+  assert _posterior(prior=normal).prior is normal
+
+
+@pytest.mark.parametrize("base", [
+    tfd.Sample(tfd.StudentT(3., 0., 1.), [2]), tfd.Sample(tfd.Logistic(0., 1.), [2]),
+    tfd.MixtureSameFamily(tfd.Categorical(logits=[0., 0.]),
+                          tfd.MultivariateNormalDiag([[-1., 0.], [1., 0.]], [1., 1.])),
+], ids=["student_t", "logistic", "gaussian_mixture"])
+def test_continuous_bases_with_full_support_are_accepted(base):
+  prior = tfd.TransformedDistribution(base, tfb.Shift(tf.Variable([0.3, 0.])))
+  assert _posterior(prior=prior).prior is prior
+
+
 # ---------------------------------------------------------------------------
 # The likelihood and its noise parameters.
 
@@ -105,6 +154,51 @@ def test_likelihood_not_a_likelihood(likelihood, got):
   with pytest.raises(TypeError, match=rf"`likelihood` must be a "
                                       rf"tfp_composed.likelihoods.Likelihood.*got {got}\."):
     _posterior(likelihood=likelihood)
+
+
+def _fails_on_purpose(x):
+  raise RuntimeError("fn failed on purpose")
+
+
+@pytest.mark.parametrize("fn, output_shape, match", [
+    (_fails_on_purpose, None, r"`fn` must map a batch .* on zeros of shape \[1, 2\] \(float32\) it "
+                              r"raised RuntimeError: fn failed on purpose"),
+    (_fails_on_purpose, [1], r"raised RuntimeError: fn failed on purpose"),
+    (lambda x: x[:, :1], [2], r"`fn` must return shape \[N\] \+ `output_shape` = \[N\] \+ \[2\]; "
+                              r"on zeros of shape \[1, 2\] it returned shape \[1, 1\]"),
+], ids=["raises", "raises_with_output_shape", "contradicts_output_shape"])
+def test_lambda_operator_is_probed_when_the_posterior_is_built(fn, output_shape, match):
+  # The operator learns its input shape from the prior: the probe runs then, at construction.
+  likelihood = tfc.likelihoods.Gaussian(tfc.operators.Lambda(fn, output_shape=output_shape),
+                                        scale=0.3)
+  with pytest.raises(ValueError, match=match):
+    _posterior(likelihood=likelihood, observation=[0.5] * (output_shape or [1])[0])
+
+
+@pytest.mark.parametrize("noise_fn, error, match", [
+    (lambda loc: loc, TypeError, r"`noise_fn` must return a `tfd.Distribution`, got "
+                                 r"<tf.Tensor.* of type EagerTensor"),
+    (lambda loc: tfd.Normal(loc[..., 0], 1.), ValueError,
+     r"`noise_fn` must return a distribution with batch shape \[1, 1\] \(the shape of `loc`\) "
+     r"and scalar events, got batch shape \[1\]"),
+    (lambda loc: tfd.MultivariateNormalDiag(loc), ValueError,
+     r"got batch shape \[1\] and event shape \[1\]"),
+], ids=["tensor", "wrong_batch", "vector_events"])
+def test_noise_fn_is_probed_before_training(noise_fn, error, match):
+  with pytest.raises(error, match=match):  # Mask knows its shape: at the likelihood's construction.
+    tfc.likelihoods.Likelihood(tfc.operators.Mask([True, False]), noise_fn)
+  likelihood = tfc.likelihoods.Likelihood(tfc.operators.Lambda(lambda x: x[:, :1]), noise_fn)
+  with pytest.raises(error, match=match):  # Shape from the prior: at the posterior's.
+    _posterior(likelihood=likelihood)
+
+
+def test_float64_prior_with_a_float64_only_lambda():
+  matrix = tf.constant([[1.], [0.]], tf.float64)
+  operator = tfc.operators.Lambda(lambda x: tf.linalg.matmul(x, matrix), dtype=tf.float64)
+  posterior = _posterior(prior=_prior(tf.float64), observation=[0.5],
+                         likelihood=tfc.likelihoods.Gaussian(operator, scale=0.3),
+                         pregenerator=tfc.pregenerators.affine([2], dtype=tf.float64))
+  assert posterior.loss(4, seed=[0, 1]).dtype == tf.float64
 
 
 NOISE = {
@@ -174,16 +268,84 @@ def test_observation_wrong_dtype(observation, dtype):
     _posterior(observation=observation)
 
 
-def test_observation_dtype_differs_from_the_prior():
-  with pytest.raises(TypeError, match=r"`observation` has dtype float32 but `prior` has dtype "
-                                      r"float64"):
-    _posterior(prior=_prior(tf.float64), pregenerator=tfc.pregenerators.affine(
-        [2], dtype=tf.float64))
+def test_float64_end_to_end_the_likelihood_follows_the_prior():
+  # The likelihood is made without a dtype: it adopts the prior's float64, so the float64
+  # observation stays float64 (not rounded through float32) and so do `loss` and `log_prob`.
+  likelihood = _likelihood(scale=0.1)
+  posterior = _posterior(prior=_prior(tf.float64), likelihood=likelihood,
+                         observation=np.array([0.5]), num_components=2,
+                         pregenerator=None)  # The default pre-generator, in float64.
+  assert all(v.dtype == tf.float64 for v in posterior.trainable_variables)
+  assert likelihood.dtype == likelihood.scale.dtype == tf.float64
+  assert posterior.observation.dtype == tf.float64 and posterior.dtype == tf.float64
+  assert posterior.loss(8, seed=[1, 2]).dtype == tf.float64
+  x = tf.constant([[0.1, 0.2], [1., -1.]], tf.float64)
+  assert posterior.log_prob(x).dtype == tf.float64
+  # The target in float64 precision: 0.1 and 0.5 exactly, N(0.5; f(z)_0, 0.1^2) + N(z; 0, I).
+  z = np.array([[0.1, -0.3]])
+  f0 = np.sinh(np.arcsinh(0.1) + 0.3) + 0.3
+  expected = (-0.5 * np.sum(z**2) - np.log(2. * np.pi)
+              - 0.5 * ((0.5 - f0) / 0.1)**2 - np.log(0.1) - 0.5 * np.log(2. * np.pi))
+  np.testing.assert_allclose(posterior.latent_target_log_prob(z).numpy(), [expected],
+                             rtol=1e-13)
+
+
+def test_likelihood_with_an_explicit_dtype_that_contradicts_the_prior():
+  likelihood = tfc.likelihoods.Gaussian(tfc.operators.Mask([True, False]), scale=0.3,
+                                        dtype=tf.float32)
+  with pytest.raises(TypeError, match=r"The likelihood's `dtype` is float32 \(passed to its "
+                                      r"constructor\) but the prior's dtype is float64; they "
+                                      r"must match\. Construct Gaussian\(\.\.\., "
+                                      r"dtype=tf\.float64\)"):
+    _posterior(prior=_prior(tf.float64), likelihood=likelihood,
+               pregenerator=tfc.pregenerators.affine([2], dtype=tf.float64))
+
+
+def test_likelihood_reused_with_a_prior_of_another_dtype():
+  likelihood = _likelihood()
+  _posterior(likelihood=likelihood)  # Adopts float32.
+  with pytest.raises(TypeError, match=r"`dtype` is float32 \(adopted from the prior it was "
+                                      r"first built on\) but the prior's dtype is float64"):
+    _posterior(prior=_prior(tf.float64), likelihood=likelihood,
+               pregenerator=tfc.pregenerators.affine([2], dtype=tf.float64))
 
 
 def test_ragged_observation():
   with pytest.raises(ValueError, match=r"`observation`"):
     _posterior(observation=[[0.5], [0.5, 0.2]])
+
+
+@pytest.mark.parametrize("y, got", [([0.5, 0.2], r"\[2\]"), ([], r"\[0\]"),
+                                    (np.zeros([3, 2]), r"\[3, 2\]")])
+def test_likelihood_log_prob_of_a_wrong_observation_shape(y, got):
+  # Without the check, `y` of shape [2] broadcasts against the event [1] and sums two terms.
+  likelihood = _likelihood()
+  with pytest.raises(ValueError, match=rf"`y` must have shape batch \+ \[1\], the output shape "
+                                       rf"of Mask.*got {got}\."):
+    likelihood.log_prob(y, np.zeros([3, 2], np.float32))
+
+
+# ---------------------------------------------------------------------------
+# Inputs of the posterior's methods.
+
+
+@pytest.mark.parametrize("method", ["log_prob", "prob"])
+@pytest.mark.parametrize("value, got", [
+    (np.zeros([3, 3], np.float32), r"\[3, 3\]"), (np.zeros([3], np.float32), r"\[3\]"),
+    (np.zeros([], np.float32), r"\[\]"), (np.zeros([2, 1, 2, 1], np.float32), r"\[2, 1, 2, 1\]"),
+])
+def test_log_prob_of_a_wrong_event_shape(posterior, method, value, got):
+  with pytest.raises(ValueError, match=rf"`value` of `ComposedPosterior.{method}` must have shape "
+                                       rf"batch_shape \+ \[2\] \(the posterior's event shape, "
+                                       rf"the prior's\), got shape {got}\."):
+    getattr(posterior, method)(value)
+
+
+def test_log_prob_of_the_right_event_shape_with_any_batch(posterior):
+  x = np.zeros([4, 3, 2], np.float32)
+  assert posterior.log_prob(x).shape == [4, 3]
+  assert tf.function(posterior.log_prob)(tf.zeros([5, 2])).shape == [5]
+  assert posterior.prob(np.zeros([2], np.float32)).shape == []
 
 
 # ---------------------------------------------------------------------------

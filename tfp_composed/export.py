@@ -28,8 +28,9 @@ signatures, `loaded.signatures[name](**inputs)`, returning dicts with keys `x` a
 import os
 import uuid
 
-import numpy as np
 import tensorflow as tf
+
+from tfp_composed import checks
 
 __all__ = ["save", "load", "SIGNATURES"]
 
@@ -39,15 +40,6 @@ SIGNATURES = ("sample", "log_prob", "sample_and_log_prob")
 def _posterior_class():
   from tfp_composed import posterior as posterior_lib  # pylint: disable=g-import-not-at-top
   return posterior_lib.ComposedPosterior
-
-
-def _check_batch_size(batch_size):
-  if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-      or batch_size < 1):
-    raise ValueError(
-        f"`batch_size` must be a positive integer, got {batch_size!r} of type "
-        f"{type(batch_size).__name__}.")
-  return int(batch_size)
 
 
 def _check_signatures(signatures):
@@ -90,6 +82,34 @@ def _check_path(path, overwrite):
         f"`path` {path!r} is a non-empty directory that holds no SavedModel; `overwrite=True` "
         "only replaces a SavedModel, so nothing was written or deleted. Pass another `path`.")
   return True
+
+
+def _missing_parents(path):
+  """The ancestors of `path` that do not exist, outermost first; checks the nearest existing
+  one is a writable directory."""
+  missing = []
+  parent = os.path.dirname(path)
+  while parent and not tf.io.gfile.exists(parent):
+    missing.insert(0, parent)
+    up = os.path.dirname(parent)
+    if up == parent:
+      break
+    parent = up
+  if not parent:  # A relative path: under the working directory.
+    parent = os.getcwd()
+  if tf.io.gfile.exists(parent) and not tf.io.gfile.isdir(parent):
+    raise ValueError(
+        f"`path` {path!r} is under {parent!r}, which is a file, not a directory; nothing was "
+        "written. Pass another `path`.")
+  if "://" not in parent and os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"`path` {path!r} is under {parent!r}, which is not writable; nothing "
+                     "was written.")
+  return missing
+
+
+def _remove(path):
+  if tf.io.gfile.exists(path):
+    tf.io.gfile.rmtree(path)
 
 
 def _collect_variables(posterior):
@@ -198,7 +218,8 @@ def save(posterior, path, batch_size=64, signatures=SIGNATURES, dynamic_batch=No
   actnorm layers of `tfb.Glow`) must have been called once before `save`, or the loaded
   model initializes them from its first input. The model is written to a new directory
   next to `path` and moved into place only once complete, so a failed export leaves an
-  existing `path` as it was.
+  existing `path` as it was; nothing it wrote (the temporary model, missing parent
+  directories it created) is left behind.
 
   Args:
     posterior: a `tfp_composed.ComposedPosterior` (fitted or not).
@@ -219,9 +240,10 @@ def save(posterior, path, batch_size=64, signatures=SIGNATURES, dynamic_batch=No
 
   Raises:
     TypeError: if `posterior` is not a `ComposedPosterior`.
-    ValueError: if `path` exists and is not empty (unless `overwrite=True` and it holds a
-      SavedModel), for a bad `batch_size` or `signatures`, or if a function of the
-      posterior uses a variable that the posterior and prior do not track.
+    ValueError: if `path` is empty, lies under a file or an unwritable directory, exists
+      and is not empty (unless `overwrite=True` and it holds a SavedModel), for a bad
+      `batch_size` or `signatures`, or if a function of the posterior uses a variable that
+      the posterior and prior do not track. All are raised before anything is written.
 
   #### Examples
 
@@ -242,7 +264,7 @@ def save(posterior, path, batch_size=64, signatures=SIGNATURES, dynamic_batch=No
     raise TypeError(
         "`posterior` must be a tfp_composed.ComposedPosterior, got "
         f"{type(posterior).__name__}.")
-  batch_size = _check_batch_size(batch_size)
+  batch_size = checks.positive_integer(batch_size, "batch_size")
   names = _check_signatures(signatures)
   if dynamic_batch not in (None, True, False):
     raise ValueError(f"`dynamic_batch` must be None, True or False, got {dynamic_batch!r}.")
@@ -252,35 +274,45 @@ def save(posterior, path, batch_size=64, signatures=SIGNATURES, dynamic_batch=No
     path = os.fspath(path)
   except TypeError:
     raise TypeError(f"`path` must be a string or path-like, got {path!r}.") from None
+  if isinstance(path, bytes) or not path.strip():
+    raise ValueError(f"`path` must name a directory to create, got {path!r}; nothing was "
+                     "written.")
   path = path.rstrip("/") or path
   exists = _check_path(path, overwrite)
+  missing = _missing_parents(path)
 
   module = _ExportModule(posterior, batch_size, names, dynamic_batch)
   tmp = f"{path}.export-{uuid.uuid4().hex[:8]}.tmp"
+  done = False
   try:
-    tf.saved_model.save(module, tmp, signatures=_serving_signatures(module, names))
-  except AssertionError as e:
-    if tf.io.gfile.exists(tmp):
-      tf.io.gfile.rmtree(tmp)
-    if "untracked" in str(e):
-      raise ValueError(
-          "The posterior's functions use a variable that neither the posterior nor its prior "
-          "tracks, so it cannot be saved. Hold every variable of the prior's bijector as an "
-          "attribute of a `tf.Module` (a bijector, or its `shift_and_log_scale_fn` module), "
-          f"not only in a closure. ({str(e).splitlines()[0]})") from e
-    raise
-  except BaseException:
-    if tf.io.gfile.exists(tmp):
-      tf.io.gfile.rmtree(tmp)
-    raise
-  if exists:
-    # `_check_path` allowed it: an empty directory or (with `overwrite`) a SavedModel.
-    old = f"{path}.replaced-{uuid.uuid4().hex[:8]}.tmp"
-    tf.io.gfile.rename(path, old)
-    tf.io.gfile.rename(tmp, path)
-    tf.io.gfile.rmtree(old)
-  else:
-    tf.io.gfile.rename(tmp, path)
+    try:
+      tf.saved_model.save(module, tmp, signatures=_serving_signatures(module, names))
+    except AssertionError as e:
+      if "untracked" in str(e):
+        raise ValueError(
+            "The posterior's functions use a variable that neither the posterior nor its "
+            "prior tracks, so it cannot be saved. Hold every variable of the prior's bijector "
+            "as an attribute of a `tf.Module` (a bijector, or its `shift_and_log_scale_fn` "
+            f"module), not only in a closure. ({str(e).splitlines()[0]})") from e
+      raise
+    if exists:
+      # `_check_path` allowed it: an empty directory or (with `overwrite`) a SavedModel.
+      old = f"{path}.replaced-{uuid.uuid4().hex[:8]}.tmp"
+      tf.io.gfile.rename(path, old)
+      try:
+        tf.io.gfile.rename(tmp, path)
+      except BaseException:
+        tf.io.gfile.rename(old, path)  # Put the previous model back.
+        raise
+      tf.io.gfile.rmtree(old)
+    else:
+      tf.io.gfile.rename(tmp, path)
+    done = True
+  finally:
+    if not done:  # Leave nothing behind: the temporary model, directories made for it.
+      _remove(tmp)
+      if missing:
+        _remove(missing[0])
   return path
 
 

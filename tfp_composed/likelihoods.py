@@ -11,9 +11,12 @@ event: `distribution(x)` is a `tfd.Independent` with batch shape the batch shape
 and event shape `operator.output_shape`. `log_prob(y, x)` is the term
 `log p(y | f(z))` of the latent target.
 
-Noise parameters (`scale`, `df`) are constants, checked once at construction;
-observations are checked once, eagerly, by `check_observation`, so that a wrong
-shape or a NaN is a clear error before any training starts.
+Noise parameters (`scale`, `df`) are constants, checked once at construction; their
+dtype, and that of checked observations, follows the prior the likelihood is built on
+(`build(input_shape, dtype=prior.dtype)`) unless `dtype` is given explicitly. `noise_fn`
+is called once, eagerly, when the input shape is known, and observations are checked
+once, eagerly, by `check_observation`, so that a wrong shape, a wrong `noise_fn` or a
+NaN is a clear error before any training starts.
 
 #### References
 
@@ -69,8 +72,12 @@ def _expected(event_shape, allow_batch):
           else _format_shape(event_shape))
 
 
-def _positive_constant(value, name, dtype):
-  """Checks that `value` is positive and finite, returns it as a `tf.constant`."""
+def _positive_array(value, name):
+  """Checks that `value` is positive and finite; returns it as a NumPy array.
+
+  The array keeps the given precision; the likelihood turns it into a constant of its
+  dtype (the prior's) when it is built.
+  """
   if isinstance(value, tf.Variable) or (tf.is_tensor(value) and not hasattr(value, "numpy")):
     raise TypeError(
         f"`{name}` must be a constant (Python float, NumPy array or eager tensor), got "
@@ -95,7 +102,22 @@ def _positive_constant(value, name, dtype):
       shown = (f"{int(bad.sum())} bad entries of {arr.size}, first "
                f"{arr[bad].flat[0].item()!r} at index {index}")
     raise ValueError(f"`{name}` must be positive and finite, got {shown}.")
-  return tf.constant(arr, dtype=dtype, name=name)
+  return arr
+
+
+def _floating_dtype(dtype, name="dtype"):
+  try:
+    dtype = tf.as_dtype(dtype)
+  except TypeError:
+    raise TypeError(f"`{name}` must be a floating dtype, got {dtype!r}.") from None
+  if not dtype.is_floating:
+    raise TypeError(f"`{name}` must be a floating dtype, got {dtype.name}.")
+  return dtype
+
+
+def _first_line(error):
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 class Likelihood(tf.Module):
@@ -123,19 +145,25 @@ class Likelihood(tf.Module):
   ```
   """
 
-  def __init__(self, operator, noise_fn, name=None, dtype=tf.float32):
+  def __init__(self, operator, noise_fn, name=None, dtype=None):
     """Creates the observation model.
 
     Args:
       operator: a `ForwardOperator`, the map `A`.
       noise_fn: Python callable, `loc -> tfd.Distribution` with batch shape
-        `loc.shape` and scalar events.
+        `loc.shape` and scalar events. Once the operator's input shape is known
+        (here, or at `build`), it is called once on the operator's output at zeros and
+        must return such a distribution.
       name: Python `str` name of the module.
-      dtype: floating dtype of observations returned by `check_observation`.
+      dtype: floating dtype of the noise parameters and of observations returned by
+        `check_observation`; `None` (default) adopts the prior's dtype when the
+        likelihood is built on a prior (`float32` until then).
 
     Raises:
-      TypeError: if `operator` is not a `ForwardOperator` or `noise_fn` is not
-        callable.
+      TypeError: if `operator` is not a `ForwardOperator`, `noise_fn` is not
+        callable or does not return a `tfd.Distribution`, or `dtype` is not floating.
+      ValueError: if `noise_fn` raises on the probe or returns a distribution whose
+        batch shape is not that of `loc`.
     """
     if not isinstance(operator, operators_lib.ForwardOperator):
       raise TypeError(
@@ -145,15 +173,20 @@ class Likelihood(tf.Module):
       raise TypeError(
           f"`noise_fn` must be callable, got {_short_repr(noise_fn)} of type "
           f"{type(noise_fn).__name__}.")
-    dtype = tf.as_dtype(dtype)
-    if not dtype.is_floating:
-      raise TypeError(f"`dtype` must be a floating dtype, got {dtype.name}.")
+    explicit = dtype is not None
+    dtype = _floating_dtype(tf.float32 if dtype is None else dtype)
     super().__init__(name=name)
     self._operator = operator
     self._noise_fn = noise_fn
     self._dtype = dtype
+    # Where the dtype came from: "explicit" (the constructor), "prior" (adopted at `build`)
+    # or None (the float32 default, not yet bound).
+    self._dtype_source = "explicit" if explicit else None
+    self._probed = None  # (input shape, dtype) of the last noise probe.
+    self._set_dtype(dtype)
     if operator.built:
       self._check_event_shape(operator.output_shape)
+      self._probe()
 
   @property
   def operator(self):
@@ -167,7 +200,7 @@ class Likelihood(tf.Module):
 
   @property
   def dtype(self):
-    """Floating dtype of observations returned by `check_observation`."""
+    """Floating dtype of the noise parameters and of checked observations."""
     return self._dtype
 
   @property
@@ -180,11 +213,77 @@ class Likelihood(tf.Module):
     """Event shape of `y`: the operator's output shape (requires `build`)."""
     return self._operator.output_shape
 
-  def build(self, input_shape):
-    """Binds the event shape of `x` (builds the operator); returns self."""
+  def build(self, input_shape, dtype=None):
+    """Binds the event shape of `x` (builds the operator) and the dtype; returns self.
+
+    Args:
+      input_shape: event shape of `x`, the prior's event shape.
+      dtype: the prior's dtype, or `None`. A likelihood constructed without `dtype`
+        adopts it (the first dtype it is built with stays); one constructed with a
+        different `dtype` is an error.
+
+    Raises:
+      TypeError: if `dtype` conflicts with the likelihood's own dtype.
+    """
+    if dtype is not None:
+      dtype = _floating_dtype(dtype)
+      if dtype != self._dtype:
+        if self._dtype_source is not None:
+          origin = ("passed to its constructor" if self._dtype_source == "explicit" else
+                    "adopted from the prior it was first built on")
+          raise TypeError(
+              f"The likelihood's `dtype` is {self._dtype.name} ({origin}) but the prior's "
+              f"dtype is {dtype.name}; they must match. Construct "
+              f"{type(self).__name__}(..., dtype=tf.{dtype.name}), or without `dtype` to "
+              "follow the prior.")
+        self._set_dtype(dtype)
+      if self._dtype_source is None:
+        self._dtype_source = "prior"
     self._operator.build(input_shape)
     self._check_event_shape(self._operator.output_shape)
+    self._probe()
     return self
+
+  def _set_dtype(self, dtype):
+    """Hook: (re)creates the noise parameters' constants in `dtype`."""
+    self._dtype = dtype
+
+  def _probe(self):
+    """Calls `noise_fn` once on `A(0)` (a batch of one), eagerly, and checks its result."""
+    key = (tuple(self._operator.input_shape.as_list()), self._dtype)
+    if self._probed == key:
+      return
+    with tf.init_scope():
+      x = tf.zeros([1] + self._operator.input_shape.as_list(), self._dtype)
+      try:
+        loc = self._operator(x)
+      except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(
+            f"`operator` {self._operator!r} must map a batch of signals of the likelihood's "
+            f"dtype; on zeros of shape {_format_shape(x.shape)} ({self._dtype.name}) it "
+            f"raised {_first_line(e)}") from e
+      try:
+        noise = self._noise(loc)
+      except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(
+            f"`noise_fn` must map `loc` of shape {_format_shape(loc.shape)} (a batch of one "
+            f"output of {self._operator!r}) to a distribution; calling it on that `loc` "
+            f"raised {_first_line(e)}") from e
+      self._check_noise(noise, loc)
+    self._probed = key
+
+  def _check_noise(self, noise, loc):
+    if not isinstance(noise, tfd.Distribution):
+      raise TypeError(
+          f"`noise_fn` must return a `tfd.Distribution`, got {_short_repr(noise)} of type "
+          f"{type(noise).__name__}.")
+    if (not noise.batch_shape.is_compatible_with(loc.shape) or
+        not noise.event_shape.is_compatible_with([])):
+      raise ValueError(
+          f"`noise_fn` must return a distribution with batch shape "
+          f"{_format_shape(loc.shape)} (the shape of `loc`) and scalar events, got "
+          f"batch shape {_format_shape(noise.batch_shape)} and event shape "
+          f"{_format_shape(noise.event_shape)}.")
 
   def _check_event_shape(self, event_shape):
     """Hook: checks the noise parameters against the event shape of `y`."""
@@ -207,17 +306,7 @@ class Likelihood(tf.Module):
       event_shape = self._operator.output_shape
       self._check_event_shape(event_shape)
       noise = self._noise(loc)
-      if not isinstance(noise, tfd.Distribution):
-        raise TypeError(
-            f"`noise_fn` must return a `tfd.Distribution`, got {_short_repr(noise)} of type "
-            f"{type(noise).__name__}.")
-      if (not noise.batch_shape.is_compatible_with(loc.shape) or
-          not noise.event_shape.is_compatible_with([])):
-        raise ValueError(
-            f"`noise_fn` must return a distribution with batch shape "
-            f"{_format_shape(loc.shape)} (the shape of `loc`) and scalar events, got "
-            f"batch shape {_format_shape(noise.batch_shape)} and event shape "
-            f"{_format_shape(noise.event_shape)}.")
+      self._check_noise(noise, loc)
       return tfd.Independent(noise, reinterpreted_batch_ndims=event_shape.rank)
 
   def log_prob(self, y, x):
@@ -233,6 +322,10 @@ class Likelihood(tf.Module):
     dist = self.distribution(x)
     with self.name_scope:
       y = tf.convert_to_tensor(y, dtype_hint=dist.dtype, name="y")
+      if not _shape_matches(y.shape, self.event_shape, allow_batch=True):
+        raise ValueError(
+            f"`y` must have shape {_expected(self.event_shape, True)}, the output shape of "
+            f"{self._operator!r}, got {_format_shape(y.shape)}.")
       if (y.dtype != dist.dtype and dist.dtype.is_floating and
           (y.dtype.is_floating or y.dtype.is_integer)):
         y = tf.cast(y, dist.dtype)
@@ -301,13 +394,29 @@ class Likelihood(tf.Module):
 
 
 class _ScaledLikelihood(Likelihood):
-  """A likelihood with constant positive noise parameters that broadcast to `y`."""
+  """A likelihood with constant positive noise parameters that broadcast to `y`.
+
+  The parameters are kept as the NumPy arrays given and enter as constants of the
+  likelihood's dtype (re-created from those arrays when the dtype follows the prior).
+  """
 
   _parameter_names = ()
 
+  def __init__(self, operator, noise_fn, values, name=None, dtype=None):
+    # The noise parameters are checked first: their errors do not depend on the operator.
+    self._values = {k: _positive_array(values[k], k) for k in self._parameter_names}
+    self._constants = {}
+    super().__init__(operator, noise_fn, name=name, dtype=dtype)
+
+  def _set_dtype(self, dtype):
+    super()._set_dtype(dtype)
+    with tf.init_scope():
+      self._constants = {k: tf.constant(v, dtype=dtype, name=k)
+                         for k, v in self._values.items()}
+
   def _check_event_shape(self, event_shape):
     for name in self._parameter_names:
-      shape = tuple(getattr(self, name).shape.as_list())
+      shape = tuple(self._values[name].shape)
       event = tuple(event_shape.as_list())
       try:
         broadcast = np.broadcast_shapes(shape, event)
@@ -318,8 +427,12 @@ class _ScaledLikelihood(Likelihood):
             f"`{name}` of shape {list(shape)} must broadcast to the output shape "
             f"{list(event)} of {self._operator!r}.")
 
-  def _param(self, value, loc):
-    return value if value.dtype == loc.dtype else tf.cast(value, loc.dtype)
+  def _param(self, name, loc):
+    """The parameter `name` as a constant of `loc`'s dtype."""
+    value = self._constants[name]
+    if value.dtype == loc.dtype:
+      return value
+    return tf.constant(self._values[name], dtype=loc.dtype, name=name)
 
 
 class Gaussian(_ScaledLikelihood):
@@ -342,7 +455,7 @@ class Gaussian(_ScaledLikelihood):
 
   _parameter_names = ("scale",)
 
-  def __init__(self, operator, scale, name=None, dtype=tf.float32):
+  def __init__(self, operator, scale, name=None, dtype=None):
     """Creates the observation model.
 
     Args:
@@ -350,18 +463,18 @@ class Gaussian(_ScaledLikelihood):
       scale: positive finite float, or array broadcasting to `operator.output_shape`,
         the noise standard deviation.
       name: Python `str` name of the module.
-      dtype: floating dtype of `scale` and of checked observations.
+      dtype: floating dtype of `scale` and of checked observations; `None` follows the
+        prior it is built on (see `Likelihood`).
     """
-    self._scale = _positive_constant(scale, "scale", tf.as_dtype(dtype))
-    super().__init__(operator, self._normal, name=name, dtype=dtype)
+    super().__init__(operator, self._normal, dict(scale=scale), name=name, dtype=dtype)
 
   @property
   def scale(self):
-    """Noise standard deviation, a constant `tf.Tensor`."""
-    return self._scale
+    """Noise standard deviation, a constant `tf.Tensor` of `dtype`."""
+    return self._constants["scale"]
 
   def _normal(self, loc):
-    return tfd.Normal(loc=loc, scale=self._param(self._scale, loc))
+    return tfd.Normal(loc=loc, scale=self._param("scale", loc))
 
 
 class Laplace(_ScaledLikelihood):
@@ -377,25 +490,25 @@ class Laplace(_ScaledLikelihood):
 
   _parameter_names = ("scale",)
 
-  def __init__(self, operator, scale, name=None, dtype=tf.float32):
+  def __init__(self, operator, scale, name=None, dtype=None):
     """Creates the observation model.
 
     Args:
       operator: a `ForwardOperator`, the map `A`.
       scale: positive finite float, or array broadcasting to `operator.output_shape`.
       name: Python `str` name of the module.
-      dtype: floating dtype of `scale` and of checked observations.
+      dtype: floating dtype of `scale` and of checked observations; `None` follows the
+        prior it is built on (see `Likelihood`).
     """
-    self._scale = _positive_constant(scale, "scale", tf.as_dtype(dtype))
-    super().__init__(operator, self._laplace, name=name, dtype=dtype)
+    super().__init__(operator, self._laplace, dict(scale=scale), name=name, dtype=dtype)
 
   @property
   def scale(self):
-    """Noise scale `b`, a constant `tf.Tensor`."""
-    return self._scale
+    """Noise scale `b`, a constant `tf.Tensor` of `dtype`."""
+    return self._constants["scale"]
 
   def _laplace(self, loc):
-    return tfd.Laplace(loc=loc, scale=self._param(self._scale, loc))
+    return tfd.Laplace(loc=loc, scale=self._param("scale", loc))
 
 
 class StudentT(_ScaledLikelihood):
@@ -411,7 +524,7 @@ class StudentT(_ScaledLikelihood):
 
   _parameter_names = ("df", "scale")
 
-  def __init__(self, operator, df, scale=1., name=None, dtype=tf.float32):
+  def __init__(self, operator, df, scale=1., name=None, dtype=None):
     """Creates the observation model.
 
     Args:
@@ -420,22 +533,21 @@ class StudentT(_ScaledLikelihood):
         the degrees of freedom.
       scale: positive finite float, or array broadcasting to `operator.output_shape`.
       name: Python `str` name of the module.
-      dtype: floating dtype of `df`, `scale` and of checked observations.
+      dtype: floating dtype of `df`, `scale` and of checked observations; `None`
+        follows the prior it is built on (see `Likelihood`).
     """
-    self._df = _positive_constant(df, "df", tf.as_dtype(dtype))
-    self._scale = _positive_constant(scale, "scale", tf.as_dtype(dtype))
-    super().__init__(operator, self._student_t, name=name, dtype=dtype)
+    super().__init__(operator, self._student_t, dict(df=df, scale=scale), name=name,
+                     dtype=dtype)
 
   @property
   def df(self):
-    """Degrees of freedom, a constant `tf.Tensor`."""
-    return self._df
+    """Degrees of freedom, a constant `tf.Tensor` of `dtype`."""
+    return self._constants["df"]
 
   @property
   def scale(self):
-    """Noise scale, a constant `tf.Tensor`."""
-    return self._scale
+    """Noise scale, a constant `tf.Tensor` of `dtype`."""
+    return self._constants["scale"]
 
   def _student_t(self, loc):
-    return tfd.StudentT(df=self._param(self._df, loc), loc=loc,
-                        scale=self._param(self._scale, loc))
+    return tfd.StudentT(df=self._param("df", loc), loc=loc, scale=self._param("scale", loc))

@@ -24,6 +24,8 @@ enter the computation as `tf.constant`s in the dtype of `x`: an operator compute
 import numpy as np
 import tensorflow as tf
 
+from tfp_composed import checks
+
 __all__ = [
     "ForwardOperator",
     "Identity",
@@ -91,14 +93,6 @@ def _as_real_array(value, name, ndim=None):
     raise ValueError(
         f"`{name}` must be finite, got {num_bad} NaN or Inf entries of {arr.size}.")
   return arr.astype(np.float64)
-
-
-def _as_positive_int(value, name):
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(
-        f"`{name}` must be a positive integer, got {value!r} of type "
-        f"{type(value).__name__}.")
-  return int(value)
 
 
 def _as_float_tensor(x, name):
@@ -490,7 +484,7 @@ class Downsample(ForwardOperator):
         `build` (the event rank is ambiguous, so it is not inferred from `x`).
       name: Python `str` name of the module.
     """
-    self._factor = _as_positive_int(factor, "factor")
+    self._factor = checks.positive_integer(factor, "factor")
     super().__init__(input_shape=input_shape, name=name)
 
   @property
@@ -615,7 +609,7 @@ class GaussianMeasurement(Linear):
         inferred from `x`, whose event rank is unknown to this operator).
       name: Python `str` name of the module.
     """
-    self._num_measurements = _as_positive_int(num_measurements, "num_measurements")
+    self._num_measurements = checks.positive_integer(num_measurements, "num_measurements")
     seed_arr = np.asarray(seed)
     if (not np.issubdtype(seed_arr.dtype, np.integer) or seed_arr.ndim > 1 or
         (seed_arr.ndim == 1 and seed_arr.size != 2)):
@@ -780,9 +774,12 @@ class Grayscale(ForwardOperator):
 class Lambda(ForwardOperator):
   """Any differentiable map `A(x) = fn(x)`, treated as non-linear.
 
-  `fn` maps a batch, `[N] + input_shape -> [N] + output_shape`. When `output_shape`
-  is not given it is inferred at build time by calling `fn` once on zeros of shape
-  `[1] + input_shape` (eagerly, outside any `tf.function`).
+  `fn` maps a batch, `[N] + input_shape -> [N] + output_shape`. When the input shape is
+  bound (at construction or `build`), `fn` is called once, eagerly (outside any
+  `tf.function`), on zeros of shape `[1] + input_shape` and `dtype`: that call infers
+  `output_shape` when it is not given and checks it when it is, so that an `fn` that
+  raises or returns the wrong shape is an error here, naming `fn`, and not inside a trace
+  of `fit`.
 
   #### Examples
 
@@ -797,7 +794,7 @@ class Lambda(ForwardOperator):
   ```
   """
 
-  def __init__(self, fn, output_shape=None, input_shape=None, name=None):
+  def __init__(self, fn, output_shape=None, input_shape=None, name=None, dtype=tf.float32):
     """Creates the operator.
 
     Args:
@@ -805,10 +802,21 @@ class Lambda(ForwardOperator):
       output_shape: event shape of `fn(x)`; `None` to infer it at build time.
       input_shape: event shape of `x`; `None` to bind it later with `build`.
       name: Python `str` name of the module.
+      dtype: floating dtype of the zeros `fn` is probed with at build time (pass
+        `tf.float64` for an `fn` that accepts float64 inputs only).
+
+    Raises:
+      TypeError: if `fn` is not callable or `dtype` is not floating.
+      ValueError: if `fn` raises on the probe, or returns a shape other than
+        `[1] + output_shape`.
     """
     if not callable(fn):
       raise TypeError(f"`fn` must be callable, got {fn!r} of type {type(fn).__name__}.")
+    dtype = tf.as_dtype(dtype)
+    if not dtype.is_floating:
+      raise TypeError(f"`dtype` must be a floating dtype, got {dtype.name}.")
     self._fn = fn
+    self._dtype = dtype
     self._given_output_shape = (
         None if output_shape is None else _as_event_shape(output_shape, "output_shape"))
     self._inferred_output_shape = None
@@ -819,15 +827,29 @@ class Lambda(ForwardOperator):
     return self._fn
 
   def _build(self, input_shape):
-    if self._given_output_shape is not None:
-      return
+    probe_shape = [1] + input_shape.as_list()
     with tf.init_scope():
-      out = tf.convert_to_tensor(self._fn(tf.zeros([1] + input_shape.as_list())))
+      try:
+        out = tf.convert_to_tensor(self._fn(tf.zeros(probe_shape, self._dtype)))
+      except Exception as e:  # pylint: disable=broad-except
+        text = str(e).strip()
+        raise ValueError(
+            f"`fn` must map a batch [N] + input_shape to [N] + output_shape; on zeros of "
+            f"shape {probe_shape} ({self._dtype.name}) it raised {type(e).__name__}: "
+            f"{text.splitlines()[0] if text else ''}") from e
     if out.shape.rank is None or out.shape.rank < 1 or out.shape[0] != 1:
       raise ValueError(
           f"`fn` must map a batch [N] + input_shape to [N] + output_shape; on zeros of "
-          f"shape {[1] + input_shape.as_list()} it returned shape "
-          f"{_format_shape(out.shape)}.")
+          f"shape {probe_shape} it returned shape {_format_shape(out.shape)}.")
+    if not out.dtype.is_floating:
+      raise TypeError(
+          f"`fn` must return a floating tensor; on zeros of shape {probe_shape} it returned "
+          f"dtype {out.dtype.name}.")
+    given = self._given_output_shape
+    if given is not None and out.shape[1:] != given:
+      raise ValueError(
+          f"`fn` must return shape [N] + `output_shape` = [N] + {_format_shape(given)}; on "
+          f"zeros of shape {probe_shape} it returned shape {_format_shape(out.shape)}.")
     self._inferred_output_shape = out.shape[1:]
 
   def _output_shape(self, input_shape):

@@ -36,7 +36,7 @@ from tfp_composed.targets import validate_prior
 tfb = tfp.bijectors
 tfd = tfp.distributions
 
-__all__ = ["ComposedPosterior", "NegativeElbo", "condition", "validate_prior"]
+__all__ = ["BatchIndexError", "ComposedPosterior", "NegativeElbo", "condition", "validate_prior"]
 
 # Base-mixture components are full-covariance Gaussians up to this latent dimension and
 # diagonal (in the affine stage's whitened coordinates) above it.
@@ -75,6 +75,26 @@ def _num_elements(shape):
   return int(np.prod(shape.as_list()))
 
 
+class BatchIndexError(IndexError, tf.errors.InvalidArgumentError):
+  """An index beyond a distribution's batch shape (TFP raises `InvalidArgumentError` there)."""
+
+  def __init__(self, message):
+    tf.errors.InvalidArgumentError.__init__(self, None, None, message)
+
+
+def _concrete_index(item):
+  """`item` of a slice tuple with eager tensors replaced by NumPy values."""
+  if isinstance(item, slice):
+    return slice(*(_concrete_index(v) for v in (item.start, item.stop, item.step)))
+  if tf.is_tensor(item):
+    if not hasattr(item, "numpy"):
+      raise TypeError(
+          f"Indexing a `ComposedPosterior` (batch shape []) needs concrete indices, got the "
+          f"symbolic tensor {item!r}.")
+    return item.numpy()
+  return item
+
+
 class ComposedPosterior(tfd.TransformedDistribution):
   """Approximate posterior `q(x) ~= p(x | y)` of a frozen flow prior, as a TFP distribution.
 
@@ -92,6 +112,11 @@ class ComposedPosterior(tfd.TransformedDistribution):
   posterior = tfc.ComposedPosterior(prior, likelihood, observation=[0.7])
   posterior.fit(seed=0)
   x, log_q = posterior.experimental_sample_and_log_prob(16, seed=1)
+
+  # A composite tensor like other TFP distributions: an argument of a `tf.function`, traced
+  # once per posterior object and reading its variables' current values.
+  log_prob = tf.function(lambda dist, x: dist.log_prob(x))
+  log_prob(posterior, x)
   ```
 
   #### References
@@ -108,7 +133,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
     with tf.name_scope(name) as name:
       dtype = prior.dtype
       if hasattr(likelihood, "check_observation"):
-        likelihood.build(prior.event_shape)
+        likelihood.build(prior.event_shape, dtype=dtype)
         # One observation: its shape is exactly the likelihood's event shape.
         observation = likelihood.check_observation(observation, name="observation")
       self._target = targets_lib.LatentTarget(prior, likelihood, observation)
@@ -168,6 +193,47 @@ class ComposedPosterior(tfd.TransformedDistribution):
     # The posterior's parameters (prior, likelihood, observation, pre-generator) are not
     # batchable tensors; its batch shape is that of the base distribution, which is [].
     return {}
+
+  def __getitem__(self, slices):
+    """Slices the batch axes like any TFP distribution; the batch shape is `[]`.
+
+    `posterior[...]` and `posterior[()]` return an equal posterior sharing the variables;
+    `tf.newaxis` adds batch dimensions (a `tfd.BatchBroadcast` of this posterior); an
+    integer or slice has no batch axis to index and raises `BatchIndexError` (an
+    `IndexError` and a `tf.errors.InvalidArgumentError`, which TFP raises there).
+    """
+    index = slices if isinstance(slices, tuple) else (slices,)
+    index = tuple(_concrete_index(item) for item in index)
+    try:
+      batch_shape = np.zeros([])[index].shape
+    except IndexError:
+      raise BatchIndexError(
+          f"`{type(self).__name__}` has batch shape [] (it is one distribution): the index "
+          f"{slices!r} has no batch axis to apply to. Only `...`, `()` and `tf.newaxis` "
+          "apply.") from None
+    if batch_shape:
+      return tfd.BatchBroadcast(self, list(batch_shape))
+    return super().__getitem__(())
+
+  def _check_value(self, value, method):
+    """Raises a `ValueError` unless the static shape of `value` ends in the event shape."""
+    event = self.event_shape
+    shape = value.shape
+    if shape.rank is None:
+      return  # Unknown rank (a traced input): nothing to check statically.
+    if shape.rank < event.rank or not shape[shape.rank - event.rank:].is_compatible_with(event):
+      raise ValueError(
+          f"`value` of `{type(self).__name__}.{method}` must have shape batch_shape + "
+          f"{event.as_list()} (the posterior's event shape, the prior's), got shape "
+          f"{shape.as_list()}.")
+
+  def _log_prob(self, x, **kwargs):
+    self._check_value(x, "log_prob")
+    return super()._log_prob(x, **kwargs)
+
+  def _prob(self, x, **kwargs):
+    self._check_value(x, "prob")
+    return super()._prob(x, **kwargs)
 
   def _check_pregenerator(self, pregenerator):
     if not isinstance(pregenerator, tfb.Bijector):
@@ -456,7 +522,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
 
   def fit(self, num_steps=None, batch_size=None, learning_rate=1e-3, seed=0, callbacks=None,
           strategy=None, jit_compile=None, checkpoint_dir=None, verbose=1, init="auto",
-          anneal_steps=0, **kwargs):
+          anneal_steps=0, log_dir=None, image_every=None, **kwargs):
     """Fits the pre-generator (and base mixture) by minimizing `loss` with `training.fit`.
 
     Above `LARGE_LATENT_SIZE` (256) latent dimensions the defaults are
@@ -480,12 +546,18 @@ class ComposedPosterior(tfd.TransformedDistribution):
         restored; "laplace" always runs `initialize`, "map" always `initialize_map`; None
         skips both.
       anneal_steps: the likelihood weight rises linearly from 0 to 1 over these first steps.
+      log_dir: TensorBoard directory: per-step `train/loss`, `train/grad_norm`,
+        `train/learning_rate`, `train/likelihood_weight` (see `training.fit`).
+      image_every: with `log_dir` and an image-shaped event, write a grid of 64 posterior
+        samples, their mean and std (`posterior/samples`, `posterior/mean`, `posterior/std`)
+        every this many steps.
       **kwargs: further options of `training.fit` (`steps_per_execution`,
-        `checkpoint_every`, `max_bad_steps`, `clip_norm`).
+        `checkpoint_every`, `max_bad_steps`, `clip_norm`, `steps_per_epoch`, `convergence`).
 
     Returns:
       A `tf_keras.callbacks.History` whose `history` holds per-step `loss`, `grad_norm` and
-      `likelihood_weight`.
+      `likelihood_weight`, and whose `diagnostics` holds `diagnose()`'s result when
+      `verbose` (None otherwise).
     """
     from tfp_composed import training  # pylint: disable=g-import-not-at-top
     if init not in ("auto", "laplace", "map", None) or isinstance(init, bool):
@@ -532,12 +604,57 @@ class ComposedPosterior(tfd.TransformedDistribution):
       elif init == "map":
         self.initialize_map(seed=seed)
 
-    return training.fit(
+    if image_every is not None:
+      image_every = checks.positive_integer(image_every, "image_every")
+      if log_dir is None:
+        raise ValueError(f"`image_every` ({image_every}) needs `log_dir`, got log_dir=None.")
+      kwargs.update(summary_every=image_every, summary_fn=training.image_summaries(
+          lambda n, sample_seed: self.sample(n, seed=sample_seed), self.event_shape, seed=seed))
+
+    history = training.fit(
         objective, self.trainable_variables, num_steps=num_steps,
         learning_rate=learning_rate, seed=seed, callbacks=callbacks, strategy=strategy,
         jit_compile=jit_compile, checkpoint_dir=checkpoint_dir, verbose=verbose,
         checkpoint_objects={"initialized": self._initialized},
-        on_fresh_start=on_fresh_start, on_resume=on_resume, **kwargs)
+        on_fresh_start=on_fresh_start, on_resume=on_resume, log_dir=log_dir, **kwargs)
+    # With `verbose`, one line of importance-weight diagnostics (`diagnose`), also kept on
+    # the history; None when silent.
+    history.diagnostics = self.diagnose(seed=seed) if verbose else None
+    if verbose:
+      print(f"diagnostics: {history.diagnostics.summary()}")
+    return history
+
+  def diagnose(self, num_samples=4096, seed=0, batch_size=1024):
+    """Importance-weight diagnostics of `q` against the latent target: ELBO, IW bound on
+    `log p(y)`, ESS, PSIS k-hat and `trustworthy` (see `tfc.diagnostics.diagnose`)."""
+    from tfp_composed import diagnostics  # pylint: disable=g-import-not-at-top
+    return diagnostics.diagnose(self, num_samples=num_samples, seed=seed,
+                                batch_size=batch_size)
+
+
+# TFP makes every `TransformedDistribution` subclass an `AutoCompositeTensor` (its
+# metaclass sets `_type_spec` after the class is made), whose type spec holds the
+# constructor's non-tensor arguments by value. The likelihood (a `tf.Module`) and a prior
+# that is not itself a composite tensor have no value to compare, so the spec was unhashable
+# and a posterior could not be passed to a `tf.function`. They are held by reference
+# instead, as TFP holds callables (the pre-generator): a `tf.function` traces once per
+# posterior object, rebuilds it from its variables and sees their current values.
+_BY_REFERENCE = ("prior", "likelihood")
+_auto_type_spec = ComposedPosterior._type_spec  # pylint: disable=protected-access
+
+
+def _type_spec(self):
+  spec = _auto_type_spec.fget(self)
+  # pylint: disable=protected-access
+  by_value = dict(spec._non_tensor_params)
+  by_reference = dict(spec._callable_params)
+  for name in _BY_REFERENCE:
+    if name in by_value:
+      by_reference[name] = by_value.pop(name)
+  return spec._copy(non_tensor_params=by_value, callable_params=by_reference)
+
+
+ComposedPosterior._type_spec = property(_type_spec)  # pylint: disable=protected-access
 
 
 class NegativeElbo:

@@ -32,7 +32,15 @@ __all__ = ["LatentTarget", "validate_prior"]
 
 
 def validate_prior(prior):
-  """Checks that `prior` is a flow `TransformedDistribution` with a fixed event shape."""
+  """Checks that `prior` is a flow `TransformedDistribution` with a fixed event shape and a
+  continuous base whose support is all of `R^d` (the latent space every method searches).
+
+  Raises:
+    TypeError: if `prior` is not a flow, its dtype is not floating, or its base is
+      discrete.
+    ValueError: for a batch shape, a scalar or unknown event shape, or a base with bounded
+      (or otherwise constrained) support.
+  """
   if not isinstance(prior, _td._TransformedDistribution):  # pylint: disable=protected-access
     raise TypeError(
         "`prior` must be a flow: a tfd.TransformedDistribution(base, bijector), got "
@@ -47,11 +55,93 @@ def validate_prior(prior):
     raise ValueError(
         f"`prior` must have batch shape [], got {prior.batch_shape}. Use tfd.Independent or "
         "tfd.Sample so that all dimensions are event dimensions.")
-  base_shape = prior.distribution.event_shape
+  base = prior.distribution
+  base_shape = base.event_shape
   if not base_shape.is_fully_defined() or base_shape.rank == 0:
     raise ValueError(
         f"`prior`'s base distribution must have a fully defined event shape, got {base_shape}.")
+  _check_base_support(base)
   return prior
+
+
+# Distributions whose support is that of the distribution they wrap.
+_WRAPPERS = (tfd.Sample, tfd.Independent, tfd.BatchReshape, tfd.BatchBroadcast)
+
+
+def _check_base_support(base):
+  """Raises unless `base` is continuous with support `R^d`, as far as TFP can tell.
+
+  TFP's `experimental_default_event_space_bijector()` maps `R^d` onto a distribution's
+  support: it is `None` for discrete distributions (and mixtures, whose components are
+  checked instead) and the identity exactly when the support is all of `R^d`. Bases for
+  which TFP cannot tell are accepted.
+  """
+  problem = _support_problem(base)
+  if problem is None:
+    return
+  kind, leaf, detail = problem
+  where = "" if leaf is base else f" (in {_describe(base)})"
+  if kind == "discrete":
+    raise TypeError(
+        f"`prior`'s base distribution must be continuous, with support R^d: the latent "
+        f"posterior is a density over R^d; got the discrete {_describe(leaf)}{where}"
+        f"{detail}.")
+  raise ValueError(
+      f"`prior`'s base distribution must have support R^d (the latent posterior and the "
+      f"pre-generator range over all of R^d), got {_describe(leaf)}{where} with "
+      f"{kind} support{detail}: latents outside it have log-density -inf and training "
+      "cannot proceed. Reparameterize with an unconstrained base, e.g. in place of a "
+      "tfd.Uniform(0., 1.) base under `f`: tfd.TransformedDistribution(tfd.Sample("
+      "tfd.Normal(0., 1.), d), tfb.Chain([f, tfb.NormalCDF()])), the same prior.")
+
+
+def _describe(dist):
+  """`Sample(Uniform)`: the class names of a distribution and those it wraps."""
+  if isinstance(dist, _WRAPPERS):
+    return f"{type(dist).__name__}({_describe(dist.distribution)})"
+  if isinstance(dist, tfd.MixtureSameFamily):
+    return f"{type(dist).__name__}({_describe(dist.components_distribution)})"
+  return type(dist).__name__
+
+
+def _support_problem(dist):
+  """`None`, or `(kind, distribution, detail)` describing why `dist`'s support is not R^d."""
+  if isinstance(dist, tfd.MixtureSameFamily):
+    return _support_problem(dist.components_distribution)
+  if isinstance(dist, tfd.Mixture):
+    for component in dist.components:
+      problem = _support_problem(component)
+      if problem is not None:
+        return problem
+    return None
+  if not dist.dtype.is_floating:
+    return "discrete", dist, f" of dtype {dist.dtype.name}"
+  try:
+    bijector = dist.experimental_default_event_space_bijector()
+  except Exception:  # pylint: disable=broad-except  # Not implemented: cannot tell.
+    return None
+  if bijector is None:
+    if isinstance(dist, _WRAPPERS):
+      return _support_problem(dist.distribution)
+    return "discrete", dist, ""
+  if not tf.executing_eagerly():
+    return None  # Rebuilt inside a `tf.function`: checked when first built.
+  try:
+    event = dist.event_shape
+    if bijector.inverse_event_shape(event) != event:
+      return "constrained", dist, (f" (its unconstrained event shape is "
+                                   f"{bijector.inverse_event_shape(event)}, not {event})")
+    shape = dist.batch_shape.concatenate(event)
+    for value in (-5., 0.3, 4.):
+      x = tf.fill(shape.as_list(), tf.constant(value, dist.dtype))
+      y = bijector.forward(x)
+      if not np.allclose(y.numpy(), x.numpy(), rtol=1e-6, atol=1e-6):
+        return "bounded", dist, (f" (its default event-space bijector "
+                                 f"{type(bijector).__name__} maps {value} to "
+                                 f"{np.asarray(y.numpy()).flat[0]:.4g})")
+  except Exception:  # pylint: disable=broad-except  # The bijector cannot be probed.
+    return None
+  return None
 
 
 def _num_elements(shape):
@@ -86,7 +176,8 @@ class LatentTarget(tf.Module):
 
     Args:
       prior: the frozen flow prior, a `tfd.TransformedDistribution`.
-      likelihood: a `tfc.likelihoods.Likelihood`; built on the prior's event shape here.
+      likelihood: a `tfc.likelihoods.Likelihood`; built on the prior's event shape and
+        dtype here.
       observation: `y`, shape `batch + likelihood.event_shape` (batch may be empty).
       name: module name.
     """
@@ -96,7 +187,7 @@ class LatentTarget(tf.Module):
           "`likelihood` must be a tfp_composed.likelihoods.Likelihood (e.g. "
           f"tfc.likelihoods.Gaussian(operator, scale)), got {type(likelihood).__name__}.")
     super().__init__(name=name)
-    likelihood.build(prior.event_shape)
+    likelihood.build(prior.event_shape, dtype=prior.dtype)
     self._prior = prior
     self._likelihood = likelihood
     self._observation = likelihood.check_observation(observation, name="observation",

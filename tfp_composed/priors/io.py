@@ -85,10 +85,45 @@ def save(prior, directory, config=None):
   return directory
 
 
+def _config_path(path):
+  return os.path.join(path, _CONFIG)
+
+
+def _read_config(path):
+  """The config dict in `path/config.json`; a clear `ValueError` naming the file otherwise."""
+  config_path = _config_path(path)
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{config_path!r} is not a UTF-8 JSON file (byte {e.start} cannot be "
+                     "decoded); the prior directory is corrupt.") from None
+  try:
+    config = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(
+        f"{config_path!r} is not valid JSON ({e.msg}: line {e.lineno}, column {e.colno}, "
+        f"of {len(text)} characters); the file may be truncated or corrupt.") from None
+  if not isinstance(config, dict) or "architecture" not in config:
+    raise ValueError(
+        f"{config_path!r} must hold a JSON object with an 'architecture' and its 'kwargs', "
+        f"got {_short(config)}.")
+  return config
+
+
+def _short(value, limit=120):
+  text = " ".join(repr(value).split())
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def load_config(name_or_dir):
-  """The config dict (architecture and recorded metadata) of a saved or shipped prior."""
-  with open(os.path.join(_resolve(name_or_dir), _CONFIG)) as f:
-    return json.load(f)
+  """The config dict (architecture and recorded metadata) of a saved or shipped prior.
+
+  Raises:
+    ValueError: if there is no such prior, or its `config.json` is not a JSON object
+      (truncated, corrupt), naming the file.
+  """
+  return _read_config(_resolve(name_or_dir))
 
 
 def load(name_or_dir, trainable=False):
@@ -103,6 +138,12 @@ def load(name_or_dir, trainable=False):
   Returns:
     A `tfd.TransformedDistribution` with `prior_config` holding the full saved config.
 
+  Raises:
+    ValueError: if there is no such prior; if `config.json` is truncated, corrupt or does
+      not describe an architecture; if the checkpoint is missing, corrupt, or does not
+      match the architecture (every variable must get a value and every value a variable).
+      The message names the file. Nothing in the directory is changed.
+
   #### Examples
 
   ```python
@@ -111,10 +152,46 @@ def load(name_or_dir, trainable=False):
   ```
   """
   path = _resolve(name_or_dir)
-  config = load_config(path)
-  prior = builders.build(config, trainable=trainable)
-  status = tf.train.Checkpoint(flow=builders.flow_module(prior)).read(
-      os.path.join(path, _VARIABLES))
-  status.assert_existing_objects_matched()
+  config_path = _config_path(path)
+  config = _read_config(path)
+  try:
+    prior = builders.build(config, trainable=trainable)
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+        f"{config_path!r} does not describe a prior that tfc.priors can build "
+        f"(architecture {config.get('architecture')!r}, kwargs "
+        f"{_short(config.get('kwargs'))}): {_first_line(e)}") from e
+  prefix = os.path.join(path, _VARIABLES)
+  if not tf.io.gfile.exists(prefix + ".index"):
+    raise ValueError(f"{path!r} has a {_CONFIG} but no checkpoint {prefix + '.index'!r}: "
+                     "save the prior with tfc.priors.save.")
+  mismatch = (f"The checkpoint {prefix!r} does not match the architecture in {config_path!r} "
+              f"({config.get('architecture')!r} with kwargs {_short(config.get('kwargs'))}); "
+              f"was {_CONFIG} edited or copied from another prior?")
+  checkpoint = tf.train.Checkpoint(flow=builders.flow_module(prior))
+  try:
+    status = checkpoint.read(prefix)
+  except ValueError as e:  # A variable of another shape.
+    raise ValueError(f"{mismatch} {_first_line(e)}") from e
+  except (tf.errors.OpError, IndexError) as e:  # An unreadable index or data file.
+    raise ValueError(f"The checkpoint {prefix!r} is corrupt or unreadable: "
+                     f"{_first_line(e)}") from e
+  try:
+    status.assert_consumed()
+  except AssertionError as e:
+    status.expect_partial()  # The error says it; no second report at garbage collection.
+    raise ValueError(f"{mismatch} {_unmatched(e)}") from e
   builders.set_config(prior, config)
   return prior
+
+
+def _first_line(error):
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _unmatched(error):
+  """The count sentence of a checkpoint `AssertionError`, without the variables' values."""
+  text = str(error).strip()
+  first = text.split(". ")[0] if text else ""
+  return first[:300] + "." if first else ""

@@ -1,0 +1,134 @@
+"""Tests of experiments/compare.py: runs.jsonl, resume, the report, and a real end-to-end run."""
+
+import importlib.util
+import json
+import os
+import types
+
+from absl import flags
+from absl.testing import flagsaver
+import numpy as np
+import pytest
+
+from experiments import compare
+import tfp_composed as tfc
+
+_HAS_BASELINES = importlib.util.find_spec("tfp_composed.baselines") is not None
+
+
+def _record(image, method, psnr, **extra):
+  record = {"prior": "digits8x8", "task": "inpaint_lower_half", "image": image, "label": 0,
+            "method": method, "budget_seconds": 5.0, "seed": 0, "psnr_mean": psnr,
+            "coverage_25": 0.3, "coverage_90": 0.85, "seconds": 1.0}
+  record.update(extra)
+  return record
+
+
+def test_append_and_read_survive_a_line_cut_by_a_kill(tmp_path):
+  path = str(tmp_path / "runs.jsonl")
+  assert compare.read_runs(path) == []
+  compare.append_run(path, _record(0, "a", 10.))
+  with open(path, "a") as f:
+    f.write('{"prior": "digits8x8", "task": "inp')  # A run killed while writing.
+  assert [r["method"] for r in compare.read_runs(path)] == ["a"]
+  compare.append_run(path, _record(1, "b", 12.))
+  records = compare.read_runs(path)
+  assert [(r["image"], r["method"]) for r in records] == [(0, "a"), (1, "b")]
+  assert compare.run_key(records[1]) == ("digits8x8", "inpaint_lower_half", 1, "b", 5.0, 0)
+
+
+def test_report_tables_are_means_and_standard_deviations(tmp_path):
+  output_dir = str(tmp_path / "out")
+  os.makedirs(output_dir)
+  path = os.path.join(output_dir, "runs.jsonl")
+  compare.append_run(path, _record(0, "composed", 10., log_q_rank=0.25))
+  compare.append_run(path, _record(1, "composed", 12., log_q_rank=0.75))
+  compare.append_run(path, _record(0, "map", 11.))
+  compare.append_run(path, _record(1, "map", None, error="ValueError: no luck"))
+  results_md = str(tmp_path / "RESULTS.md")
+  text = compare.write_report(output_dir, results_md)
+  assert open(results_md).read() == text
+  rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()
+          if line.startswith("| composed") or line.startswith("| map")}
+  # composed: PSNR (10, 12) -> 11.00 +- sqrt(2) (sample std); ranks (0.25, 0.75) -> 0.50 +- 0.35.
+  assert "| 11.00 ± 1.41 |" in rows["composed"] and "| 0.50 ± 0.35 |" in rows["composed"]
+  assert rows["map"].startswith("| map | 5 | 1 | 11.00 |")  # The failed image is left out...
+  assert "map, 5 s, image 1: ValueError: no luck" in text   # ...and listed.
+  assert os.path.exists(os.path.join(output_dir, "figures", "digits8x8__calibration.png"))
+  assert tfc.tasks.get("inpaint_lower_half", image_shape=[8, 8, 1]).description in text
+
+
+def _stand_in_baselines(calls):
+  """A `tfc.baselines` stand-in: prior draws for 'draws', an error for 'fails'."""
+
+  class Result:
+
+    def __init__(self, x):
+      self.x, self.log_prob, self.seconds, self.info = x, None, 0.01, {"acceptance": 0.5,
+                                                                       "losses": [3., 2.]}
+
+  def run(method, prior, likelihood, observation, *, budget_seconds=None, num_steps=None,
+          seed=0, **options):
+    del likelihood, observation, num_steps, options
+    calls.append((method, budget_seconds))
+    if method == "fails":
+      raise ValueError("needs a mask")
+    return Result(prior.sample(8, seed=[seed, 1]).numpy())
+
+  return types.SimpleNamespace(METHODS=("draws", "fails"), run=run)
+
+
+def test_run_all_resumes_and_records_errors(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setitem(vars(tfc), "baselines", _stand_in_baselines(calls))
+  output_dir = str(tmp_path / "out")
+  kwargs = dict(prior_name="digits8x8", task_names=["denoise"], methods=["draws", "fails"],
+                num_images=2, budgets=[1.0], output_dir=output_dir, seed=0, options={},
+                log=lambda message: None)
+  assert compare.run_all(**kwargs) == 4
+  records = compare.read_runs(os.path.join(output_dir, "runs.jsonl"))
+  assert len(calls) == 4 and len(records) == 4
+  draws = [r for r in records if r["method"] == "draws"]
+  assert all(r["num_samples"] == 8 and np.isfinite(r["psnr_mean"]) for r in draws)
+  assert draws[0]["info"] == {"acceptance": 0.5, "losses_last": 2.}
+  assert draws[0]["log_q_rank"] is None and draws[0]["has_density"] is False
+  assert all(r["error"] == "ValueError: needs a mask" for r in records if r["method"] == "fails")
+  assert compare.run_all(**kwargs) == 0 and len(calls) == 4  # Resumed: nothing rerun.
+  assert compare.run_all(**dict(kwargs, retry_errors=True)) == 2 and len(calls) == 6
+
+
+@pytest.mark.skipif(not _HAS_BASELINES,
+                    reason="tfp_composed.baselines (tfc.baselines.run) is not on this branch yet")
+def test_end_to_end_run_then_resume(tmp_path):
+  output_dir = str(tmp_path / "compare")
+  results_md = str(tmp_path / "RESULTS.md")
+  argv = ["compare", "--prior=digits8x8", "--tasks=inpaint_lower_half", "--num_images=1",
+          "--methods=composed,ula", "--budgets=4", f"--output_dir={output_dir}",
+          f"--results_md={results_md}", "--seed=0"]
+  runs = os.path.join(output_dir, "runs.jsonl")
+  with flagsaver.flagsaver():
+    flags.FLAGS(argv)
+    compare.main(["compare"])
+  with open(runs) as f:
+    first = f.read()
+  records = [json.loads(line) for line in first.splitlines()]
+  assert sorted(r["method"] for r in records) == ["composed", "ula"]
+  for r in records:
+    assert "error" not in r, r
+    assert r["num_samples"] - r["num_nonfinite"] >= 2 and np.isfinite(r["psnr_mean"])
+  composed = next(r for r in records if r["method"] == "composed")
+  assert composed["has_density"] and composed["log_q_rank"] is not None
+  text = open(results_md).read()
+  assert "### `inpaint_lower_half`" in text and "| composed | 4 | 1 |" in text
+  assert os.path.exists(os.path.join(output_dir, "figures",
+                                     "digits8x8__inpaint_lower_half__samples.png"))
+  with flagsaver.flagsaver():  # Resumed: no new line, the file unchanged.
+    flags.FLAGS(argv)
+    compare.main(["compare"])
+  with open(runs) as f:
+    assert f.read() == first
+  os.remove(results_md)
+  with flagsaver.flagsaver():
+    flags.FLAGS(argv + ["--report_only"])
+    compare.main(["compare"])
+  assert open(results_md).read() == text

@@ -1,0 +1,129 @@
+"""Ambient VI: a trainable flow fitted directly in x-space (the baseline of [1]).
+
+`q(x) = TransformedDistribution(N(0, I), h)` with a RealNVP `h` (`tfc.pregenerators.real_nvp`
+on the prior's event shape) whose final affine stage starts at the prior's sample mean and
+standard deviation (from `num_init_samples` prior draws; `f` is used for these draws only,
+never inside `h`). It minimizes
+
+    -ELBO = E_{x ~ q}[ log q(x) - log p(x) - log p(y | x) ],
+
+where `log p(x)` is the prior's exact density, which inverts `f` (`f^{-1}` and its log-det) for
+every draw of `q` -- the cost the composed posterior avoids [1].
+
+Draws where `log p(x) + log p(y | x)` is not finite (`f^{-1}` overflows far from the prior's
+support, or `x` itself is not finite): their joint term is replaced by the lowest finite one in
+the batch (a constant: pessimistic, so `q` is pushed away from such regions through its
+`log q` term), and the gradient rows that come back through `log p` for those draws are zeroed
+where they enter it, so one bad draw cannot make the step NaN. Their share is logged per step
+(`nonfinite_fraction`); a step that is still not finite is skipped by `training.fit`.
+
+#### References
+
+[1]: Jay Whang, Erik M. Lindgren, Alexandros G. Dimakis. Composing Normalizing Flows for
+     Inverse Problems. In _ICML_, 2021.
+"""
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tfp_composed import checks
+from tfp_composed import pregenerators
+from tfp_composed import training
+from tfp_composed.baselines import _core
+
+tfb = tfp.bijectors
+tfd = tfp.distributions
+
+__all__ = ["ambient_vi", "ambient_flow"]
+
+DEFAULT_NUM_STEPS = 2000
+_SAMPLING_RESERVE = 0.05
+
+
+def _finite_gradient_rows(x, event_rank):
+  """Identity on `x` whose gradient zeroes each event (row) that is not all finite."""
+
+  @tf.custom_gradient
+  def identity(x):
+
+    def grad(dx):
+      axes = tf.range(tf.rank(dx) - event_rank, tf.rank(dx))
+      ok = tf.reduce_all(tf.math.is_finite(dx), axis=axes, keepdims=True)
+      return tf.where(ok, dx, tf.zeros_like(dx))
+
+    return tf.identity(x), grad
+
+  return identity(x)
+
+
+def ambient_flow(prior, flow=None, num_init_samples=1000, seed=0, num_layers=4,
+                 hidden_units=None):
+  """`q(x)`: a RealNVP flow on the prior's event shape, affine start at the prior's moments.
+
+  Returns `(distribution, flow)`.
+  """
+  event_shape = prior.event_shape
+  size = int(np.prod(event_shape.as_list()))
+  if flow is None:
+    hidden = hidden_units or (int(min(256, max(64, 4 * size))),) * 2
+    flow = pregenerators.real_nvp(event_shape, num_layers=num_layers, hidden_units=hidden,
+                                  dtype=prior.dtype)
+  elif not isinstance(flow, tfb.Bijector):
+    raise TypeError(f"`flow` must be a tfb.Bijector on x-space, got {type(flow).__name__}.")
+  stage = pregenerators.find_affine_stage(flow)
+  if stage is not None:
+    x = prior.sample(checks.positive_integer(num_init_samples, "num_init_samples"),
+                     seed=_core.stateless_seed(seed, 11)).numpy().reshape(-1, size)
+    x = x[np.all(np.isfinite(x), axis=1)].astype(np.float64)
+    std = np.maximum(x.std(0), 1e-6)
+    stage.set_gaussian(x.mean(0), np.diag(std**2))
+  base = tfd.Sample(tfd.Normal(tf.zeros([], prior.dtype), tf.ones([], prior.dtype)),
+                    event_shape)
+  return tfd.TransformedDistribution(base, flow), flow
+
+
+def ambient_vi(problem, *, clock, num_steps, seed, num_samples, batch_size=64,
+               learning_rate=1e-3, flow=None, num_init_samples=1000, verbose=0, **fit_options):
+  """Ambient VI (see the module docstring). Options: `batch_size`, `learning_rate`, `flow`
+  (a bijector on x-space), `num_init_samples`, and `training.fit` arguments."""
+  batch_size = checks.positive_integer(batch_size, "batch_size")
+  q, flow = ambient_flow(problem.prior, flow, num_init_samples, seed)
+  prior, likelihood, y = problem.prior, problem.likelihood, problem.observation
+  event_rank = prior.event_shape.rank
+  dtype = problem.dtype
+
+  def loss(step_seed, step, shard):
+    del step
+    if shard is not None:
+      raise ValueError("ambient_vi runs on one device; `strategy` is not supported.")
+    x, log_q = q.experimental_sample_and_log_prob(batch_size, seed=step_seed)
+    x_in = _finite_gradient_rows(x, event_rank)
+    log_joint = prior.log_prob(x_in) + likelihood.log_prob(y, x_in)
+    ok = tf.math.is_finite(log_joint)
+    worst = tf.stop_gradient(tf.reduce_min(tf.where(ok, log_joint,
+                                                    tf.constant(np.inf, dtype))))
+    worst = tf.where(tf.math.is_finite(worst), worst, tf.zeros([], dtype))
+    log_joint = tf.where(ok, log_joint, worst)
+    return (tf.reduce_mean(log_q - log_joint),
+            {"nonfinite_fraction": 1. - tf.reduce_mean(tf.cast(ok, dtype))})
+
+  reserve = _SAMPLING_RESERVE * max(0., clock.remaining()) if clock.has_budget else 0.
+  stopper = _core.StopAtDeadline(clock.until(reserve))
+  callbacks = list(fit_options.pop("callbacks", None) or []) + [stopper]
+  history = training.fit(
+      loss, flow.trainable_variables, num_steps=num_steps or DEFAULT_NUM_STEPS,
+      learning_rate=learning_rate, seed=seed, callbacks=callbacks, verbose=verbose,
+      **fit_options)
+  x, log_q = q.experimental_sample_and_log_prob(num_samples,
+                                                seed=_core.stateless_seed(seed, 12))
+  losses = np.asarray(history.history.get("loss", []), np.float64)
+  info = {
+      "distribution": q,
+      "losses": losses,
+      "num_fit_steps": int(losses.size),
+      "nonfinite_fraction": np.asarray(history.history.get("nonfinite_fraction", [])),
+      "stopped_by_budget": stopper.stopped,
+      "num_parameters": _core.num_parameters(flow.trainable_variables),
+  }
+  return x.numpy(), log_q.numpy(), info
