@@ -50,6 +50,34 @@ _DEFAULT_COMPONENTS = {"factorized": 4, "mixture": 8, "normal": 1}
 # diagonal (in the affine stage's whitened coordinates) above it.
 _FULL_COMPONENT_MAX_DIM = 64
 
+# ---- Large latents (images): defaults of `fit` above this many latent dimensions. ----------
+# Measured on the shipped MNIST Glow prior (784 dimensions; `experiments/image_defaults.py`,
+# results/image_defaults.md): a MAP + low-rank Laplace start, batches of 16 and about
+# `_LARGE_SAMPLE_DIMS / latent_size` steps reach a higher ELBO in under 2 minutes than 3000
+# steps from the prior; XLA compiled slower and ran each step slower there, so it stays off.
+LARGE_LATENT_SIZE = 256
+_LARGE_BATCH_SIZE = 16
+_LARGE_SAMPLE_DIMS = 1e6  # steps * latent size: the cost of a step grows with the latent.
+_LARGE_MIN_STEPS, _LARGE_MAX_STEPS = 200, 2000
+_LARGE_MAP_STARTS = 2
+_LARGE_MAP_ITERATIONS = 50
+_LARGE_LAPLACE_RANK = 56
+
+
+def large_latent_defaults(latent_size):
+  """`fit`'s defaults above `LARGE_LATENT_SIZE` latent dimensions, as a dict.
+
+  `num_steps = clip(round(1e6 / D, -1), 200, 2000)` for `D` latent dimensions (1280 for
+  MNIST's 784), `batch_size = 16`, `init = "map"` (`initialize_map`: 2-start L-BFGS MAP, 50
+  iterations, rank-56 Laplace), `jit_compile = False`.
+  """
+  latent_size = checks.positive_integer(latent_size, "latent_size")
+  steps = int(np.clip(round(_LARGE_SAMPLE_DIMS / latent_size, -1), _LARGE_MIN_STEPS,
+                      _LARGE_MAX_STEPS))
+  return {"num_steps": steps, "batch_size": _LARGE_BATCH_SIZE, "init": "map",
+          "jit_compile": False}
+# ---- end of the large-latent defaults. ------------------------------------------------------
+
 
 def _num_elements(shape):
   return int(np.prod(shape.as_list()))
@@ -309,7 +337,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
 
   @property
   def initialized(self):
-    """Whether `initialize` (the multi-start Laplace start) has run."""
+    """Whether a start (`initialize` or `initialize_map`) has run."""
     return self._initialized
 
   @property
@@ -588,11 +616,44 @@ class ComposedPosterior(tfd.TransformedDistribution):
     self.modes_found = num_modes
     return self
 
+  def initialize_map(self, num_starts=_LARGE_MAP_STARTS, seed=0,
+                     max_iterations=_LARGE_MAP_ITERATIONS, rank=_LARGE_LAPLACE_RANK):
+    """MAP + low-rank Laplace start for large latents (`fit`'s start above 256 dimensions).
+
+    `tfc.initialization.find_map` climbs the latent target by L-BFGS from `num_starts`
+    starts; `tfc.initialization.laplace_low_rank` approximates the curvature at the best
+    optimum `z*` by `Sigma^{-1} = D^{1/2} (I + V diag(lambda) V^T) D^{1/2}` (rank `rank`),
+    `tfc.initialization.fit_laplace_scales` rescales its variances by ELBO, and
+    the pre-generator's affine stage takes `N(z*, Sigma)` (full-rank: `L L^T = Sigma`;
+    diagonal: `diag(Sigma)`). The base mixture's components stay at `N(0, I)` in the
+    stage's whitened coordinates. Costs `(3 + num_starts * max_iterations)`-odd gradient
+    batches instead of the `D` Hessian-vector products of `initialize`.
+    """
+    found_locs, found_values = initialization.find_map(
+        self._target, num_starts=num_starts, seed=seed, max_iterations=max_iterations)
+    laplace = initialization.laplace_low_rank(self._target, found_locs[0], rank=rank,
+                                              seed=seed, value=found_values[0])
+    laplace, _ = initialization.fit_laplace_scales(self._target, laplace, seed=seed)
+    stage = pregenerators_lib.find_affine_stage(self._pregenerator)
+    if stage is None:
+      warnings.warn("The pre-generator has no affine stage: `initialize_map` changes nothing.",
+                    stacklevel=2)
+    elif stage.full_rank:
+      stage.set_gaussian(laplace.loc, laplace.covariance())
+    else:  # Only the diagonal: no dense [D, D] matrix.
+      stage.shift.assign(tf.cast(laplace.loc, stage.dtype))
+      stage.scale_diag.assign(tf.cast(np.sqrt(laplace.variance()), stage.dtype))
+    self._from_prior.assign(False)
+    self._initialized.assign(True)
+    self.modes_found = 1
+    self.map_start = laplace
+    return self
+
   # ---------------------------------------------------------------- training
 
-  def fit(self, num_steps=2000, batch_size=64, learning_rate=1e-3, seed=0, callbacks=None,
+  def fit(self, num_steps=None, batch_size=None, learning_rate=1e-3, seed=0, callbacks=None,
           strategy=None, jit_compile=None, checkpoint_dir=None, verbose=1, init="auto",
-          anneal_steps=None, forward_weight=1., check_weights=True, log_dir=None,
+          anneal_steps=None, forward_weight=None, check_weights=True, log_dir=None,
           image_every=None, **kwargs):
     """Fits the pre-generator and the base by minimizing `loss` with `training.fit`.
 
@@ -621,9 +682,15 @@ class ComposedPosterior(tfd.TransformedDistribution):
     runs; if the importance weights say `q` is not accurate enough, a one-line warning names
     the refinement (SIR or NeuTra HMC in `tfc.baselines`).
 
+    Above `LARGE_LATENT_SIZE` (256) latent dimensions the defaults are
+    `large_latent_defaults(latent_size)`: `num_steps = clip(round(1e6 / D, -1), 200, 2000)`,
+    `batch_size = 16`, `init = "auto"` meaning `initialize_map`, no XLA.
+
     Args:
-      num_steps: total optimizer steps (a resumed run counts the restored ones).
-      batch_size: samples per step, split evenly over a mixture base's components.
+      num_steps: total optimizer steps (a resumed run counts the restored ones); default
+        2000 (large latents: see above).
+      batch_size: samples per step, split evenly over a mixture base's components;
+        default 64 (large latents: 16).
       learning_rate: peak Adam learning rate (warm-up, then cosine decay); the factorized
         base's parameters move 10 times faster.
       seed: int; step `t` uses the stateless seed `fold_in(seed, t)`.
@@ -632,14 +699,16 @@ class ComposedPosterior(tfd.TransformedDistribution):
       jit_compile: compile the step with XLA.
       checkpoint_dir: a `tf.train.CheckpointManager` directory; resumes from it.
       verbose: 0 silent, 1 a progress bar.
-      init: "auto" runs `initialize(seed=seed)` unless it has already run or a checkpoint is
-        restored; "laplace" always runs it; None skips it (`q` stays where it is: at the
-        prior for a new posterior).
+      init: "auto" runs `initialize(seed=seed)` (above 256 latent dimensions
+        `initialize_map(seed=seed)`) unless a start has already run or a checkpoint is
+        restored; "laplace" always runs `initialize`, "map" always `initialize_map`; None
+        skips both (`q` stays where it is: at the prior for a new posterior).
       anneal_steps: an int: the likelihood weight rises linearly from 0 to 1 over these
-        first steps; None: geometrically over `num_steps // 2` steps when `q` starts at the prior (several modes found, or
-        a new posterior fitted with `init=None`), none otherwise.
+        first steps; None: geometrically over `num_steps // 2` steps when `q` starts at the
+        prior (several modes found, or a new posterior fitted with `init=None`), none
+        otherwise.
       forward_weight: `lam`, the weight of the mass-covering forward-KL gradient (0: the
-        paper's reverse KL alone).
+        paper's reverse KL alone); default 1 (large latents: 0).
       check_weights: run `importance_check` after training (result in `diagnosis`).
       log_dir: TensorBoard directory: per-step `train/loss`, `train/grad_norm`,
         `train/learning_rate`, `train/likelihood_weight` (see `training.fit`).
@@ -655,9 +724,20 @@ class ComposedPosterior(tfd.TransformedDistribution):
       `verbose` (None otherwise).
     """
     from tfp_composed import training  # pylint: disable=g-import-not-at-top
+    if init not in ("auto", "laplace", "map", None) or isinstance(init, bool):
+      raise ValueError(f"`init` must be 'auto', 'laplace', 'map' or None, got {init!r}.")
+    # ---- Large-latent defaults (see `large_latent_defaults`).
+    large = self._latent_size > LARGE_LATENT_SIZE
+    defaults = large_latent_defaults(self._latent_size) if large else {
+        "num_steps": 2000, "batch_size": 64, "init": "laplace", "jit_compile": None}
+    num_steps = defaults["num_steps"] if num_steps is None else num_steps
+    batch_size = defaults["batch_size"] if batch_size is None else batch_size
+    jit_compile = defaults["jit_compile"] if jit_compile is None else jit_compile
+    auto_init = self.initialize_map if defaults["init"] == "map" else self.initialize
+    if forward_weight is None:  # Measured on small and medium latents (mode coverage).
+      forward_weight = 0. if large else 1.
+    # ---- end of the large-latent defaults.
     batch_size = checks.positive_integer(batch_size, "batch_size")
-    if init not in ("auto", "laplace", None) or isinstance(init, bool):
-      raise ValueError(f"`init` must be 'auto', 'laplace' or None, got {init!r}.")
     num_steps = checks.positive_integer(num_steps, "num_steps")
     if anneal_steps is None:  # Anneal geometrically when `q` starts at the prior.
       anneal_steps, gate, schedule = int(num_steps) // 2, self._from_prior, "geometric"
@@ -684,12 +764,18 @@ class ComposedPosterior(tfd.TransformedDistribution):
     objective = self._objectives[key]
 
     def on_fresh_start():
-      if init == "laplace" or (init == "auto" and not bool(self._initialized.numpy())):
+      if init == "laplace":
         self.initialize(seed=seed)
+      elif init == "map":
+        self.initialize_map(seed=seed)
+      elif init == "auto" and not bool(self._initialized.numpy()):
+        auto_init(seed=seed)
 
     def on_resume():
       if init == "laplace":
         self.initialize(seed=seed)
+      elif init == "map":
+        self.initialize_map(seed=seed)
 
     if image_every is not None:
       image_every = checks.positive_integer(image_every, "image_every")
