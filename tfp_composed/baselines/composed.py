@@ -43,7 +43,7 @@ from tfp_composed.baselines import mcmc as mcmc_lib
 __all__ = ["composed", "composed_sir", "fit_composed", "neutra_hmc"]
 
 # Constructor options of ComposedPosterior; every other option goes to `fit`.
-_POSTERIOR_OPTIONS = ("pregenerator", "num_components")
+_POSTERIOR_OPTIONS = ("pregenerator", "num_components", "base")
 # Share of a budget kept back for drawing the returned samples after a fit.
 _SAMPLING_RESERVE = 0.05
 
@@ -80,7 +80,9 @@ def fit_composed(problem, clock, num_steps, seed, options):
       problem.prior, problem.likelihood, problem.observation, **posterior_kwargs)
   callbacks = list(options.pop("callbacks", None) or [])
   stopper = _core.StopAtDeadline(clock)
-  fit_kwargs = dict(seed=seed, verbose=0)
+  # Under a budget the importance check after training would run past the deadline; the
+  # diagnostics of a budgeted run are the caller's to compute.
+  fit_kwargs = dict(seed=seed, verbose=0, check_weights=not clock.has_budget)
   fit_kwargs.update(options)
   if num_steps is not None:
     fit_kwargs["num_steps"] = num_steps
