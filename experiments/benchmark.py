@@ -88,25 +88,29 @@ tfd = tfp.distributions
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_list("problems", ["2d", "image"], "Problems to run: 2d, image.")
-flags.DEFINE_integer("steps", 400, "Fit steps timed on the 2-D problem.")
-flags.DEFINE_integer("image_steps", 50, "Fit steps timed on the image problem.")
-flags.DEFINE_integer("batch_size_2d", 64, "Fit batch size (samples per step) of the 2-D problem.")
-flags.DEFINE_integer("image_batch_size", 16, "Fit batch size of the image problem.")
-flags.DEFINE_integer("steps_per_execution", 20,
-                     "fit's steps per compiled call on the 2-D problem (fit's default).")
-flags.DEFINE_integer("image_steps_per_execution", 5,
-                     "fit's steps per compiled call on the image problem.")
-flags.DEFINE_integer("throughput_batch", 256, "Batch of the 2-D sample + log_prob throughput.")
-flags.DEFINE_integer("image_throughput_batch", 64,
-                     "Batch of the image sample + log_prob throughput.")
-flags.DEFINE_integer("repeats", 7, "Repeated timings behind each median.")
-flags.DEFINE_enum("prior", "random", ["random", "mnist"],
-                  "Image prior: an untrained Glow ('random') or the shipped MNIST prior.")
-flags.DEFINE_integer("image_hidden_channels", 96, "Coupling width of the untrained Glow prior.")
-flags.DEFINE_integer("train_steps", 2, "Prior training steps per timed call (0 skips).")
-flags.DEFINE_bool("profile", False, "Also time the parts of the fit step (slower).")
-flags.DEFINE_string("output_json", None, "Write the figures to this JSON file.")
+def define_flags():
+  """Defines the command-line flags (only when run as a program, so that importing this
+  module next to other experiments defines no clashing flags)."""
+  flags.DEFINE_list("problems", ["2d", "image"], "Problems to run: 2d, image.")
+  flags.DEFINE_integer("steps", 400, "Fit steps timed on the 2-D problem.")
+  flags.DEFINE_integer("image_steps", 50, "Fit steps timed on the image problem.")
+  flags.DEFINE_integer("batch_size_2d", 64, "Fit batch size (samples per step) of the 2-D problem.")
+  flags.DEFINE_integer("image_batch_size", 16, "Fit batch size of the image problem.")
+  flags.DEFINE_integer("steps_per_execution", 20,
+                       "fit's steps per compiled call on the 2-D problem (fit's default).")
+  flags.DEFINE_integer("image_steps_per_execution", 5,
+                       "fit's steps per compiled call on the image problem.")
+  flags.DEFINE_integer("throughput_batch", 256, "Batch of the 2-D sample + log_prob throughput.")
+  flags.DEFINE_integer("image_throughput_batch", 64,
+                       "Batch of the image sample + log_prob throughput.")
+  flags.DEFINE_integer("repeats", 7, "Repeated timings behind each median.")
+  flags.DEFINE_enum("prior", "random", ["random", "mnist"],
+                    "Image prior: an untrained Glow ('random') or the shipped MNIST prior.")
+  flags.DEFINE_integer("image_hidden_channels", 96, "Coupling width of the untrained Glow prior.")
+  flags.DEFINE_integer("train_steps", 2, "Prior training steps per timed call (0 skips).")
+  flags.DEFINE_bool("profile", False, "Also time the parts of the fit step (slower).")
+  flags.DEFINE_string("output_json", None, "Write the figures to this JSON file.")
+
 
 TARGETS = {
     "fit_over_raw": ("<=", 1.15),
@@ -820,4 +824,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

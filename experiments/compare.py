@@ -56,7 +56,10 @@ _BUDGETS = flags.DEFINE_list("budgets", ["60", "300"],
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/compare",
                                   "Directory of runs.jsonl, saved samples and figures.")
 _RESULTS_MD = flags.DEFINE_string("results_md", "results/RESULTS.md", "Path of the report.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the tasks, observations and methods.")
+# `seed` and `data_dir` mean the same in experiments/train_prior.py; the test suite imports
+# both, so they may share one definition.
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the tasks, observations and methods.",
+                             allow_override=True)
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False,
                                  "Only rebuild the report from runs.jsonl.")
 _RETRY_ERRORS = flags.DEFINE_bool("retry_errors", False,
@@ -65,7 +68,8 @@ _METHOD_OPTIONS = flags.DEFINE_string(
     "method_options", "{}", "JSON object: method name -> dict of extra options for "
     "tfc.baselines.run, e.g. '{\"ula\": {\"step_size\": 0.01}}'.")
 _NUM_SHOWN = flags.DEFINE_integer("num_shown", 4, "Samples shown per method in a sample grid.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (tfc.data.load).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (tfc.data.load).",
+                                 allow_override=True)
 
 # Methods defined for mask (inpainting) operators only; not run on the other tasks.
 MASK_ONLY_METHODS = ("pl_mcmc",)

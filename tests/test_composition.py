@@ -63,14 +63,16 @@ def _perturb(posterior, seed=0, scale=0.3):
 def _vector(pregenerator):
   likelihood = tfc.likelihoods.Gaussian(tfc.operators.Mask([True, False]), scale=0.3)
   return _perturb(tfc.ComposedPosterior(_vector_prior(), likelihood, observation=[0.5],
-                                        pregenerator=pregenerator, num_components=2))
+                                        pregenerator=pregenerator, num_components=2,
+                                        base="mixture"))
 
 
 def _image(pregenerator):
   mask = np.array([True, False, False, True]).reshape([2, 2, 1])
   likelihood = tfc.likelihoods.Gaussian(tfc.operators.Mask(mask), scale=0.3)
   return _perturb(tfc.ComposedPosterior(_image_prior(), likelihood, observation=[0.4, -0.1],
-                                        pregenerator=pregenerator, num_components=3))
+                                        pregenerator=pregenerator, num_components=3,
+                                        base="mixture"))
 
 
 CASES = {

@@ -40,6 +40,14 @@ def positive_number(value, name):
   return float(value)
 
 
+def non_negative_number(value, name):
+  """Returns `value` as a finite Python float >= 0 (NumPy scalars accepted)."""
+  if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
+      or not (math.isfinite(value) and value >= 0)):
+    raise ValueError(f"`{name}` must be a non-negative finite number, got {value!r}.")
+  return float(value)
+
+
 def seed(value, name="seed"):
   """Returns an int seed (NumPy integers accepted)."""
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
