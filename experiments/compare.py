@@ -1,8 +1,9 @@
 r"""The paper's inverse problems on held-out test digits, every method side by side.
 
-For each task x test image x method x time budget, observes the image through the task
-(`tfc.tasks`), runs the method (`tfc.baselines.run`), scores its samples
-(`tfc.metrics.summarize`) and appends one JSON line to `<output_dir>/runs.jsonl`. A restarted
+For each test image x task x method x time budget (images outermost, so a run stopped early
+has image 0 of every cell first), observes the image through the task (`tfc.tasks`), runs the
+method (`tfc.baselines.run`), scores its samples (`tfc.metrics.summarize`) and appends one JSON
+line to `<output_dir>/runs.jsonl`. A restarted
 run skips every (prior, task, image, method, budget, seed) already there, so a killed run
 loses at most the run in progress. Then it writes the report (`--results_md`): per task, a
 table of means and standard deviations across images, a sample grid (rows: methods; columns:
@@ -16,6 +17,10 @@ every method runs with `seed`.
     python -m experiments.compare --prior=mnist --tasks=inpaint_lower_half,super_resolution_4x \
         --methods=composed,ula,map --num_images=20 --budgets=60,300
     python -m experiments.compare --report_only          # rebuild RESULTS.md from runs.jsonl
+
+`composed` runs `fit()` with its defaults, whose multi-start Laplace start is not bounded by the
+budget (minutes on a 784-dimensional latent); `--method_options='{"composed": {"init": null}}'`
+starts the fit from the prior so that the budget covers the whole method.
 """
 
 import os
@@ -175,8 +180,10 @@ def _numpy(value):
 
 
 def _log_q_true(result, truth):
-  """`log q(x_true)` from the distribution in `result.info['posterior']`, or None."""
-  posterior = (result.info or {}).get("posterior")
+  """`log q(x_true)` from the method's `q`: `result.info['posterior']` (the composed
+  posterior) or `result.info['distribution']` (ambient VI); None without one."""
+  info = result.info or {}
+  posterior = info.get("posterior", info.get("distribution"))
   if posterior is None or not hasattr(posterior, "log_prob"):
     return None
   try:
@@ -220,7 +227,8 @@ def _load_images(dataset, levels, num_images, data_dir):
 
 def run_all(prior_name, task_names, methods, num_images, budgets, output_dir, seed, options,
             num_shown=4, retry_errors=False, data_dir=None, log=print):
-  """Runs every missing (task, image, method, budget); returns the number of new lines."""
+  """Runs every missing (image, task, method, budget), in that loop order; returns the number
+  of new lines."""
   os.makedirs(os.path.join(output_dir, "samples"), exist_ok=True)
   runs_path = os.path.join(output_dir, RUNS_FILE)
   done = {run_key(r) for r in read_runs(runs_path) if retry_errors is False or "error" not in r}
@@ -228,11 +236,12 @@ def run_all(prior_name, task_names, methods, num_images, budgets, output_dir, se
   config = tfc.priors.load_config(prior_name)
   shape = tuple(prior.event_shape.as_list())
   truths, labels = _load_images(config["dataset"], int(config["levels"]), num_images, data_dir)
+  tasks = {name: tfc.tasks.get(name, image_shape=shape, seed=seed) for name in task_names}
   written = 0
-  for task_name in task_names:
-    task = tfc.tasks.get(task_name, image_shape=shape, seed=seed)
-    for image in range(num_images):
-      truth = truths[image]
+  # Images outermost: a run stopped early has image 0 of every (task, method, budget) first.
+  for image in range(num_images):
+    truth = truths[image]
+    for task_name, task in tasks.items():
       observation = task.observe(truth, seed=[seed, image])
       for method in methods:
         if method in MASK_ONLY_METHODS and not isinstance(task.operator, tfc.operators.Mask):

@@ -1,6 +1,5 @@
 """Tests of experiments/compare.py: runs.jsonl, resume, the report, and a real end-to-end run."""
 
-import importlib.util
 import json
 import os
 import types
@@ -8,12 +7,9 @@ import types
 from absl import flags
 from absl.testing import flagsaver
 import numpy as np
-import pytest
 
 from experiments import compare
 import tfp_composed as tfc
-
-_HAS_BASELINES = importlib.util.find_spec("tfp_composed.baselines") is not None
 
 
 def _record(image, method, psnr, **extra):
@@ -97,14 +93,27 @@ def test_run_all_resumes_and_records_errors(tmp_path, monkeypatch):
   assert compare.run_all(**dict(kwargs, retry_errors=True)) == 2 and len(calls) == 6
 
 
-@pytest.mark.skipif(not _HAS_BASELINES,
-                    reason="tfp_composed.baselines (tfc.baselines.run) is not on this branch yet")
+def test_run_all_puts_every_image_0_first(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setitem(vars(tfc), "baselines", _stand_in_baselines(calls))
+  output_dir = str(tmp_path / "out")
+  assert compare.run_all("digits8x8", ["denoise", "inpaint_lower_half"], ["draws"], 2, [1.0, 2.0],
+                         output_dir, 0, {}, log=lambda message: None) == 8
+  order = [(r["image"], r["task"], r["budget_seconds"])
+           for r in compare.read_runs(os.path.join(output_dir, "runs.jsonl"))]
+  assert order == [(i, t, b) for i in (0, 1) for t in ("denoise", "inpaint_lower_half")
+                   for b in (1.0, 2.0)]
+
+
 def test_end_to_end_run_then_resume(tmp_path):
   output_dir = str(tmp_path / "compare")
   results_md = str(tmp_path / "RESULTS.md")
+  # The composed fit starts from the prior (`init: null`): the Laplace start is not bounded by
+  # the budget.
   argv = ["compare", "--prior=digits8x8", "--tasks=inpaint_lower_half", "--num_images=1",
-          "--methods=composed,ula", "--budgets=4", f"--output_dir={output_dir}",
-          f"--results_md={results_md}", "--seed=0"]
+          "--methods=composed,ula", "--budgets=3", f"--output_dir={output_dir}",
+          f"--results_md={results_md}", "--seed=0",
+          '--method_options={"composed": {"init": null}}']
   runs = os.path.join(output_dir, "runs.jsonl")
   with flagsaver.flagsaver():
     flags.FLAGS(argv)
@@ -119,7 +128,7 @@ def test_end_to_end_run_then_resume(tmp_path):
   composed = next(r for r in records if r["method"] == "composed")
   assert composed["has_density"] and composed["log_q_rank"] is not None
   text = open(results_md).read()
-  assert "### `inpaint_lower_half`" in text and "| composed | 4 | 1 |" in text
+  assert "### `inpaint_lower_half`" in text and "| composed | 3 | 1 |" in text
   assert os.path.exists(os.path.join(output_dir, "figures",
                                      "digits8x8__inpaint_lower_half__samples.png"))
   with flagsaver.flagsaver():  # Resumed: no new line, the file unchanged.

@@ -35,7 +35,7 @@ from tfp_composed.baselines import _core
 tfb = tfp.bijectors
 tfd = tfp.distributions
 
-__all__ = ["ambient_vi", "ambient_flow"]
+__all__ = ["ambient_vi", "ambient_flow", "negative_elbo"]
 
 DEFAULT_NUM_STEPS = 2000
 _SAMPLING_RESERVE = 0.05
@@ -83,6 +83,25 @@ def ambient_flow(prior, flow=None, num_init_samples=1000, seed=0, num_layers=4,
   return tfd.TransformedDistribution(base, flow), flow
 
 
+def negative_elbo(q, prior, likelihood, y, batch_size, seed):
+  """The ambient objective `E_{x ~ q}[log q(x) - log p(x) - log p(y | x)]` on `batch_size` draws.
+
+  `log p(x)` inverts the prior's flow for every draw (the cost the composed posterior avoids);
+  non-finite joint terms are handled as in the module docstring. Returns `(loss, metrics)` with
+  the share of non-finite draws in `metrics["nonfinite_fraction"]`.
+  """
+  dtype = prior.dtype
+  x, log_q = q.experimental_sample_and_log_prob(batch_size, seed=seed)
+  x_in = _finite_gradient_rows(x, prior.event_shape.rank)
+  log_joint = prior.log_prob(x_in) + likelihood.log_prob(y, x_in)
+  ok = tf.math.is_finite(log_joint)
+  worst = tf.stop_gradient(tf.reduce_min(tf.where(ok, log_joint, tf.constant(np.inf, dtype))))
+  worst = tf.where(tf.math.is_finite(worst), worst, tf.zeros([], dtype))
+  log_joint = tf.where(ok, log_joint, worst)
+  return (tf.reduce_mean(log_q - log_joint),
+          {"nonfinite_fraction": 1. - tf.reduce_mean(tf.cast(ok, dtype))})
+
+
 def ambient_vi(problem, *, clock, num_steps, seed, num_samples, batch_size=64,
                learning_rate=1e-3, flow=None, num_init_samples=1000, verbose=0, **fit_options):
   """Ambient VI (see the module docstring). Options: `batch_size`, `learning_rate`, `flow`
@@ -90,23 +109,12 @@ def ambient_vi(problem, *, clock, num_steps, seed, num_samples, batch_size=64,
   batch_size = checks.positive_integer(batch_size, "batch_size")
   q, flow = ambient_flow(problem.prior, flow, num_init_samples, seed)
   prior, likelihood, y = problem.prior, problem.likelihood, problem.observation
-  event_rank = prior.event_shape.rank
-  dtype = problem.dtype
 
   def loss(step_seed, step, shard):
     del step
     if shard is not None:
       raise ValueError("ambient_vi runs on one device; `strategy` is not supported.")
-    x, log_q = q.experimental_sample_and_log_prob(batch_size, seed=step_seed)
-    x_in = _finite_gradient_rows(x, event_rank)
-    log_joint = prior.log_prob(x_in) + likelihood.log_prob(y, x_in)
-    ok = tf.math.is_finite(log_joint)
-    worst = tf.stop_gradient(tf.reduce_min(tf.where(ok, log_joint,
-                                                    tf.constant(np.inf, dtype))))
-    worst = tf.where(tf.math.is_finite(worst), worst, tf.zeros([], dtype))
-    log_joint = tf.where(ok, log_joint, worst)
-    return (tf.reduce_mean(log_q - log_joint),
-            {"nonfinite_fraction": 1. - tf.reduce_mean(tf.cast(ok, dtype))})
+    return negative_elbo(q, prior, likelihood, y, batch_size, step_seed)
 
   reserve = _SAMPLING_RESERVE * max(0., clock.remaining()) if clock.has_budget else 0.
   stopper = _core.StopAtDeadline(clock.until(reserve))
