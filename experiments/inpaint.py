@@ -36,13 +36,15 @@ _MASK = flags.DEFINE_enum("mask", "lower_half",
                            "random_90"], "Which pixels are missing.")
 _NOISE = flags.DEFINE_float("noise", 0.05, "Observation noise scale (images in [0, 1]).")
 _NUM_STEPS = flags.DEFINE_integer(
-    "num_steps", None, "Fit steps (default: fit()'s, 1280 for MNIST's 784-dim latent).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
-                                   "Samples per fit step (default: fit()'s, 16 for images).")
-_INIT = flags.DEFINE_enum("init", "auto", ["auto", "map", "laplace", "none"],
+    "num_steps", 3000, "Fit steps (0: fit()'s default, 1280 for MNIST's 784-dim latent).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16,
+                                   "Samples per fit step (0: fit()'s default, 16 for images).")
+_INIT = flags.DEFINE_enum("init", "none", ["auto", "map", "laplace", "none"],
                           "fit()'s init: 'auto' (above 256 latent dims the L-BFGS MAP + "
                           "low-rank Laplace start 'map'), the dense multi-start 'laplace', or "
-                          "'none' (from the prior).")
+                          "'none' (from the prior). `--num_steps=0 --batch_size=0 --init=auto` "
+                          "is fit()'s defaults: about 2 minutes on MNIST, 15 nats of ELBO below "
+                          "these flags' 3000 steps from the prior (results/image_defaults.md).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the fit.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 _OUTPUT = flags.DEFINE_string("output", "outputs/inpainting.png", "Path of the PNG figure.")
@@ -87,7 +89,8 @@ def main(argv):
 
   posterior = tfc.ComposedPosterior(prior, likelihood, y)
   t0, c0 = time.time(), time.process_time()
-  history = posterior.fit(num_steps=_NUM_STEPS.value, batch_size=_BATCH_SIZE.value,
+  history = posterior.fit(num_steps=_NUM_STEPS.value or None,
+                          batch_size=_BATCH_SIZE.value or None,
                           seed=_SEED.value, verbose=1,
                           init=None if _INIT.value == "none" else _INIT.value)
   seconds, cpu_seconds = time.time() - t0, time.process_time() - c0
