@@ -33,6 +33,10 @@ import tfp_composed as tfc
 # name: (description, init: "map" | "laplace" | None, fit kwargs beyond the defaults)
 SETTINGS = {
     "defaults": ("fit() defaults (MAP + low-rank Laplace start)", "map", {}),
+    "map_laplace_scaled": ("MAP + low-rank Laplace, variances rescaled by ELBO",
+                           "map_scaled", {}),
+    "scaled_lr2e-3": ("MAP + rescaled low-rank Laplace, learning_rate=2e-3", "map_scaled",
+                      {"learning_rate": 2e-3}),
     "prior_3000": ("prior start, 3000 steps of 16 (former main job)", None,
                    {"num_steps": 3000, "batch_size": 16}),
     "prior_default_steps": ("prior start, default steps and batch", None, {}),
@@ -90,6 +94,8 @@ def run_setting(name, index, seed=0, data_dir=None):
   w0, c0 = _clock()
   if init == "map":
     posterior.initialize_map(seed=seed)
+  elif init == "map_scaled":
+    posterior.initialize_map(seed=seed, fit_scales=True)
   elif init == "map_shift":
     locs, _ = tfc.initialization.find_map(posterior.target, num_starts=2, seed=seed,
                                           max_iterations=50)
@@ -124,12 +130,18 @@ def write_table(rows, path):
       "| setting | image | steps | init s (wall / CPU) | train s (wall / CPU) | "
       "(init + train) CPU / 2 | ELBO | PSNR |",
       "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  notes = []
   for r in rows:
+    mark = ""
+    if r.get("note"):
+      notes.append(r["note"])
+      mark = f" [{len(notes)}]"
     lines.append(
-        f"| {r['setting']} | {r['index']} | {r['num_steps']} | "
+        f"| {r['setting']}{mark} | {r['index']} | {r['num_steps']} | "
         f"{r['init_wall']:.0f} / {r['init_cpu']:.0f} | {r['train_wall']:.0f} / "
         f"{r['train_cpu']:.0f} | {r['total_cpu_over_2']:.0f} | "
         f"{r['elbo']:.1f} +- {r['elbo_se']:.1f} | {r['psnr']:.2f} |")
+  lines += [""] + [f"[{i + 1}]: {note}" for i, note in enumerate(notes)]
   lines += ["", "Settings:", ""]
   lines += [f"- `{k}`: {v[0]}" for k, v in SETTINGS.items()]
   with open(path, "w") as f:

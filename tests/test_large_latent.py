@@ -128,12 +128,14 @@ def test_fit_passes_the_large_latent_defaults_to_training(monkeypatch):
     del variables, kwargs
     seen.update(num_steps=num_steps, batch_size=objective.batch_size, jit_compile=jit_compile)
     on_fresh_start()
+    return tfc.training.StepHistory()
 
   monkeypatch.setattr(tfc.training, "fit", fake_fit)
-  posterior.fit(seed=3)
+  posterior.fit(seed=3, verbose=0)
   assert seen == {"num_steps": 2000, "batch_size": 16, "jit_compile": False}
   assert calls == [("map", 3)]
-  posterior.fit(num_steps=7, batch_size=4, jit_compile=True, init="laplace", seed=1)
+  posterior.fit(num_steps=7, batch_size=4, jit_compile=True, init="laplace", seed=1,
+                verbose=0)
   assert seen == {"num_steps": 7, "batch_size": 4, "jit_compile": True}
   assert calls[-1] == ("laplace", 1)
 

@@ -52,9 +52,10 @@ _FULL_COMPONENT_MAX_DIM = 64
 
 # ---- Large latents (images): defaults of `fit` above this many latent dimensions. ----------
 # Measured on the shipped MNIST Glow prior (784 dimensions; `experiments/image_defaults.py`,
-# results/image_defaults.md): a MAP + low-rank Laplace start, batches of 16 and about
-# `_LARGE_SAMPLE_DIMS / latent_size` steps reach a higher ELBO in under 2 minutes than 3000
-# steps from the prior; XLA compiled slower and ran each step slower there, so it stays off.
+# results/image_defaults.md): a MAP + low-rank Laplace start, batches of 16 and
+# `_LARGE_SAMPLE_DIMS / latent_size` steps take about 2 minutes (CPU / 2) and reach an ELBO
+# 15 nats below 3000 steps from the prior (which take 3.7 minutes); a learning rate of 2e-3
+# ended lower. XLA compiled 2.6x slower and ran each step 1.4x slower there: it stays off.
 LARGE_LATENT_SIZE = 256
 _LARGE_BATCH_SIZE = 16
 _LARGE_SAMPLE_DIMS = 1e6  # steps * latent size: the cost of a step grows with the latent.
@@ -617,13 +618,16 @@ class ComposedPosterior(tfd.TransformedDistribution):
     return self
 
   def initialize_map(self, num_starts=_LARGE_MAP_STARTS, seed=0,
-                     max_iterations=_LARGE_MAP_ITERATIONS, rank=_LARGE_LAPLACE_RANK):
+                     max_iterations=_LARGE_MAP_ITERATIONS, rank=_LARGE_LAPLACE_RANK,
+                     fit_scales=False):
     """MAP + low-rank Laplace start for large latents (`fit`'s start above 256 dimensions).
 
     `tfc.initialization.find_map` climbs the latent target by L-BFGS from `num_starts`
     starts; `tfc.initialization.laplace_low_rank` approximates the curvature at the best
     optimum `z*` by `Sigma^{-1} = D^{1/2} (I + V diag(lambda) V^T) D^{1/2}` (rank `rank`),
-    `tfc.initialization.fit_laplace_scales` rescales its variances by ELBO, and
+    `tfc.initialization.fit_laplace_scales` rescales its variances by ELBO if `fit_scales`
+    (it raised the start's ELBO on MNIST from about -2560 to -170 but ended 6 nats lower
+    after 1280 steps, one seed: off by default), and
     the pre-generator's affine stage takes `N(z*, Sigma)` (full-rank: `L L^T = Sigma`;
     diagonal: `diag(Sigma)`). The base mixture's components stay at `N(0, I)` in the
     stage's whitened coordinates. Costs `(3 + num_starts * max_iterations)`-odd gradient
@@ -633,7 +637,8 @@ class ComposedPosterior(tfd.TransformedDistribution):
         self._target, num_starts=num_starts, seed=seed, max_iterations=max_iterations)
     laplace = initialization.laplace_low_rank(self._target, found_locs[0], rank=rank,
                                               seed=seed, value=found_values[0])
-    laplace, _ = initialization.fit_laplace_scales(self._target, laplace, seed=seed)
+    if fit_scales:
+      laplace, _ = initialization.fit_laplace_scales(self._target, laplace, seed=seed)
     stage = pregenerators_lib.find_affine_stage(self._pregenerator)
     if stage is None:
       warnings.warn("The pre-generator has no affine stage: `initialize_map` changes nothing.",
