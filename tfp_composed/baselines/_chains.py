@@ -165,7 +165,10 @@ def _chunk_steps(timer, clock, phase_seconds, planned_left, unit):
     target = min(_MAX_CHUNK_SECONDS, max(_MIN_CHUNK_SECONDS, _CHUNK_SHARE * phase_seconds))
     steps = int(min(target, left) / max(timer.per_step, 1e-7))
     if steps < unit:
-      return 0
+      # A chunk shorter than one record: still run one record if it fits before the deadline.
+      if left < unit * timer.per_step:
+        return 0
+      steps = unit
   if planned_left is not None:
     steps = min(steps, planned_left)
   return (steps // unit) * unit
