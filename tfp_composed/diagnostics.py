@@ -164,11 +164,17 @@ def importance_log_weights(posterior, num_samples=4096, seed=0, batch_size=1024)
   seed = checks.seed(seed)
   base = tf.constant([seed % 2**31, (seed // 2**31) % 2**31], tf.int32)
 
-  @tf.function(reduce_retracing=True)
-  def batch(count, batch_seed):
-    z, log_q = posterior.latent_sample_and_log_prob(count, seed=batch_seed)
-    return posterior.target.log_prob(z) - log_q
+  # One compiled function per posterior, kept on it, so repeated diagnoses do not retrace
+  # (each trace holds memory TF never returns).
+  batch = getattr(posterior, "_importance_weights_fn", None)
+  if batch is None:
 
+    @tf.function(reduce_retracing=True)
+    def batch(count, batch_seed):
+      z, log_q = posterior.latent_sample_and_log_prob(count, seed=batch_seed)
+      return posterior.target.log_prob(z) - log_q
+
+    posterior._importance_weights_fn = batch  # pylint: disable=protected-access
   out = []
   for b, start in enumerate(range(0, num_samples, batch_size)):
     count = min(batch_size, num_samples - start)
