@@ -28,7 +28,7 @@ from tfp_composed import likelihoods as likelihoods_lib
 
 tfd = tfp.distributions
 
-__all__ = ["LatentTarget", "validate_prior"]
+__all__ = ["LatentTarget", "finite_gradient_rows", "validate_prior"]
 
 
 def validate_prior(prior):
@@ -242,7 +242,7 @@ class LatentTarget(tf.Module):
     """`(log p_base(z), log p(y | f(z)), x = f(z))`; the likelihood is `-inf` where `x` is not
     finite (see the class docstring)."""
     z = tf.convert_to_tensor(z, self.dtype, name="z")
-    x = self._prior.bijector.forward(_finite_gradient_rows(z, self._latent_shape.rank))
+    x = self._prior.bijector.forward(finite_gradient_rows(z, self._latent_shape.rank))
     log_likelihood = self._likelihood.log_prob(self._observation, x)
     ok = tf.reduce_all(tf.math.is_finite(x), axis=tf.range(-self._prior.event_shape.rank, 0))
     ok = tf.broadcast_to(ok, tf.shape(log_likelihood))
@@ -275,7 +275,7 @@ class LatentTarget(tf.Module):
     return self.log_prob(z)
 
 
-def _finite_gradient_rows(z, event_rank):
+def finite_gradient_rows(z, event_rank):
   """Identity on `z` whose gradient zeroes each event (row) that is not all finite."""
 
   @tf.custom_gradient

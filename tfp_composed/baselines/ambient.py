@@ -29,6 +29,7 @@ import tensorflow_probability as tfp
 
 from tfp_composed import checks
 from tfp_composed import pregenerators
+from tfp_composed import targets as targets_lib
 from tfp_composed import training
 from tfp_composed.baselines import _core
 
@@ -39,22 +40,6 @@ __all__ = ["ambient_vi", "ambient_flow", "negative_elbo"]
 
 DEFAULT_NUM_STEPS = 2000
 _SAMPLING_RESERVE = 0.05
-
-
-def _finite_gradient_rows(x, event_rank):
-  """Identity on `x` whose gradient zeroes each event (row) that is not all finite."""
-
-  @tf.custom_gradient
-  def identity(x):
-
-    def grad(dx):
-      axes = tf.range(tf.rank(dx) - event_rank, tf.rank(dx))
-      ok = tf.reduce_all(tf.math.is_finite(dx), axis=axes, keepdims=True)
-      return tf.where(ok, dx, tf.zeros_like(dx))
-
-    return tf.identity(x), grad
-
-  return identity(x)
 
 
 def ambient_flow(prior, flow=None, num_init_samples=1000, seed=0, num_layers=4,
@@ -92,7 +77,7 @@ def negative_elbo(q, prior, likelihood, y, batch_size, seed):
   """
   dtype = prior.dtype
   x, log_q = q.experimental_sample_and_log_prob(batch_size, seed=seed)
-  x_in = _finite_gradient_rows(x, prior.event_shape.rank)
+  x_in = targets_lib.finite_gradient_rows(x, prior.event_shape.rank)
   log_joint = prior.log_prob(x_in) + likelihood.log_prob(y, x_in)
   ok = tf.math.is_finite(log_joint)
   worst = tf.stop_gradient(tf.reduce_min(tf.where(ok, log_joint, tf.constant(np.inf, dtype))))
