@@ -1,6 +1,7 @@
 """The fit loop: resume from checkpoints, distribution strategies, NaN guard, callbacks."""
 
 import glob
+import time
 import os
 import warnings
 
@@ -365,3 +366,78 @@ def test_the_compiled_burst_has_no_host_round_trips():
   ops = {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
   assert "While" in ops or "StatelessWhile" in ops
   assert not ops & {"PyFunc", "EagerPyFunc", "PyFuncStateless"}, ops
+
+
+# ---------------------------------------------------------------------------
+# Time limits: the steps are planned to fit, and the schedules follow the plan.
+
+
+def _slow_quadratic(seconds_per_step):
+  """A quadratic whose every step sleeps `seconds_per_step` on the host (so the step time is
+  known whatever the machine's load)."""
+  w = tf.Variable([0.])
+
+  def sleep(x):
+    time.sleep(seconds_per_step)
+    return x
+
+  def loss(seed, step, shard):
+    u = tf.random.stateless_normal([8], seed)
+    u = tf.numpy_function(sleep, [u], tf.float32, stateful=True)
+    return tf.reduce_mean((w - 3. - 0.1 * tf.reshape(u, [8]))**2), {}
+
+  return w, loss
+
+
+def test_time_limit_plans_the_steps_and_finishes_the_learning_rate_schedule():
+  # 10 ms a step, 3 s: about 250 steps of the 100,000 asked fit. The call ends within one
+  # burst (20 steps, 0.2 s) plus 1 s of slack of its limit; the cosine decay, laid over the
+  # planned steps, ends at 0.05 of the peak; `on_horizon` hears the final plan.
+  w, loss = _slow_quadratic(0.01)
+  plans = []
+  began = time.perf_counter()
+  history = tfc.training.fit(loss, [w], num_steps=100_000, learning_rate=0.1, verbose=0,
+                             time_limit=3., on_horizon=plans.append, convergence=None)
+  seconds = time.perf_counter() - began
+  steps = len(history.history["loss"])
+  assert seconds < 3. + 0.2 + 1., seconds
+  assert 60 <= steps <= 300, steps
+  assert plans[0] == 100_000 and plans[-1] == history.planned_steps
+  assert abs(history.planned_steps - steps) <= 20, (history.planned_steps, steps)
+  rates = np.array(history.history["learning_rate"])
+  assert rates[-1] < 0.1 * 0.1, rates[-1]  # Near the end of the decay (0.05 of the peak).
+  assert rates.max() > 0.5 * 0.1  # The warm-up was planned for 100,000 steps until timed.
+
+
+def test_time_limit_lays_the_annealing_over_the_planned_steps():
+  # From the prior (`init=None`), the geometric annealing covers half the steps that run. A
+  # first short fit traces the step (shared by the second: same objective), so the limit is
+  # not spent tracing on a loaded machine.
+  posterior = _posterior()
+  posterior.fit(num_steps=20, seed=0, verbose=0, init=None, check_weights=False,
+                steps_per_execution=10)
+  history = posterior.fit(num_steps=1_000_000, seed=0, verbose=0, init=None, time_limit=5.,
+                          check_weights=False, steps_per_execution=10)
+  weights = np.array(history.history["likelihood_weight"])
+  steps = weights.size
+  assert steps < 1_000_000 // 2
+  np.testing.assert_allclose(weights[-1], 1.)
+  reached = int(np.argmax(weights >= 1.))  # The first step at weight 1: about steps / 2.
+  assert 0.3 * steps <= reached <= 0.7 * steps, (reached, steps)
+  assert weights[0] < 0.01
+
+
+def test_a_time_limit_spent_before_training_warns():
+  w, loss = _slow_quadratic(0.01)
+  with pytest.warns(UserWarning, match=r"`time_limit` \(0.05 s\) left time for 20 of the "
+                                       r"1000 steps"):
+    history = tfc.training.fit(loss, [w], num_steps=1000, verbose=0, time_limit=0.05,
+                               on_fresh_start=lambda: time.sleep(0.1), convergence=None)
+  assert len(history.history["loss"]) == 20
+
+
+@pytest.mark.parametrize("value", [0, -1., float("nan"), "60"])
+def test_bad_time_limit(value):
+  w, loss = _noisy_quadratic()
+  with pytest.raises((ValueError, TypeError), match="`time_limit`"):
+    tfc.training.fit(loss, [w], num_steps=5, time_limit=value)

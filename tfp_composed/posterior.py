@@ -39,6 +39,8 @@ tfd = tfp.distributions
 __all__ = ["BatchIndexError", "ComposedPosterior", "NegativeElbo", "condition", "validate_prior"]
 
 _BASES = ("factorized", "mixture", "normal")
+# Share of `fit(time_limit=...)` kept for the importance check after training.
+_CHECK_SHARE = 0.05
 # First likelihood weight of the geometric annealing schedule.
 _ANNEAL_START = 1e-3
 # Learning-rate multiplier of the factorized base's parameters.
@@ -659,7 +661,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
   def fit(self, num_steps=None, batch_size=None, learning_rate=1e-3, seed=0, callbacks=None,
           strategy=None, jit_compile=None, checkpoint_dir=None, verbose=1, init="auto",
           anneal_steps=None, forward_weight=None, check_weights=True, log_dir=None,
-          image_every=None, **kwargs):
+          image_every=None, time_limit=None, **kwargs):
     """Fits the pre-generator and the base by minimizing `loss` with `training.fit`.
 
     The defaults minimize, at step `t`,
@@ -720,6 +722,11 @@ class ComposedPosterior(tfd.TransformedDistribution):
       image_every: with `log_dir` and an image-shaped event, write a grid of 64 posterior
         samples, their mean and std (`posterior/samples`, `posterior/mean`, `posterior/std`)
         every this many steps.
+      time_limit: optional seconds for the whole call (start, training and the importance
+        check): after the start, the steps that fit the time left are planned from the
+        measured step time (at most `num_steps`), and the annealing and learning-rate
+        schedules are laid over the planned steps, so they finish in time. The start itself
+        is not interrupted; `check_weights` is given `_CHECK_SHARE` (5%) of the limit.
       **kwargs: further options of `training.fit` (`steps_per_execution`,
         `checkpoint_every`, `max_bad_steps`, `clip_norm`, `steps_per_epoch`, `convergence`).
 
@@ -762,11 +769,19 @@ class ComposedPosterior(tfd.TransformedDistribution):
           stacklevel=2)
     # One objective object per setting, so repeated fits can reuse its compiled step.
     forward_weight = checks.non_negative_number(forward_weight, "forward_weight")
-    key = (batch_size, anneal_steps, gate is None, forward_weight, schedule)
+    if time_limit is not None:
+      time_limit = checks.positive_number(time_limit, "time_limit")
+      if check_weights:
+        time_limit *= 1. - _CHECK_SHARE
+    key = (batch_size, anneal_steps > 0, gate is None, forward_weight, schedule)
     if key not in self._objectives:
       self._objectives[key] = NegativeElbo(self, batch_size, anneal_steps, anneal_if=gate,
                                            forward_weight=forward_weight, schedule=schedule)
     objective = self._objectives[key]
+
+    def on_horizon(planned_steps):  # The annealing covers the same share of the planned steps.
+      if objective.annealed:
+        objective.anneal_steps = max(1, round(anneal_steps * planned_steps / num_steps))
 
     def on_fresh_start():
       if init == "laplace":
@@ -794,7 +809,8 @@ class ComposedPosterior(tfd.TransformedDistribution):
         learning_rate=learning_rate, seed=seed, callbacks=callbacks, strategy=strategy,
         jit_compile=jit_compile, checkpoint_dir=checkpoint_dir, verbose=verbose,
         checkpoint_objects={"initialized": self._initialized, "from_prior": self._from_prior},
-        on_fresh_start=on_fresh_start, on_resume=on_resume, log_dir=log_dir, **kwargs)
+        on_fresh_start=on_fresh_start, on_resume=on_resume, log_dir=log_dir,
+        time_limit=time_limit, on_horizon=on_horizon, **kwargs)
     history.diagnostics = None
     if check_weights:
       self.diagnosis = self.importance_check(seed=seed)
@@ -892,14 +908,31 @@ class NegativeElbo:
     self.posterior = posterior
     self.forward_weight = checks.non_negative_number(forward_weight, "forward_weight")
     self.batch_size = checks.positive_integer(batch_size, "batch_size")
-    self.anneal_steps = checks.non_negative_integer(anneal_steps, "anneal_steps")
+    anneal_steps = checks.non_negative_integer(anneal_steps, "anneal_steps")
+    self.annealed = anneal_steps > 0
+    # A variable, so that a new `T_anneal` (another `num_steps`, or a plan under a time
+    # limit) reuses the compiled step.
+    self._anneal_steps = tf.Variable(float(max(1, anneal_steps)), trainable=False,
+                                     name="anneal_steps")
     self.anneal_if = anneal_if
+
+  @property
+  def anneal_steps(self):
+    """`T_anneal` (0 without annealing)."""
+    return int(self._anneal_steps.numpy()) if self.annealed else 0
+
+  @anneal_steps.setter
+  def anneal_steps(self, value):
+    value = checks.positive_integer(value, "anneal_steps")
+    if not self.annealed:
+      raise ValueError("This objective does not anneal: `anneal_steps` cannot be set.")
+    self._anneal_steps.assign(float(value))
 
   def likelihood_weight(self, step):
     """`w_t` for optimizer step `t`."""
-    if not self.anneal_steps:
+    if not self.annealed:
       return tf.ones([], self.posterior.dtype)
-    fraction = tf.minimum(1., tf.cast(step, tf.float32) / float(self.anneal_steps))
+    fraction = tf.minimum(1., tf.cast(step, tf.float32) / self._anneal_steps)
     if self.schedule == "linear":
       weight = fraction
     else:

@@ -25,6 +25,11 @@ amortized posterior or a prior.
   checkpoints to temporary directories, removed after each save (TF's multi-worker convention).
 * A step whose loss or gradient is not finite is skipped (variables unchanged); after
   `max_bad_steps` consecutive skips `fit` stops with a `FloatingPointError`.
+* With `time_limit` (seconds from the call, the start in `on_fresh_start` included) the loop
+  times each burst after the first (which traces) and plans the number of steps that fit the
+  time left, at most `num_steps`; the learning-rate schedule and the loss's own schedule
+  (`on_horizon`, e.g. likelihood annealing) are laid over the planned steps, so a fit cut
+  short by time still runs its schedules to their end.
 * The compiled step and the optimizer are built once per (loss object, variables, strategy,
   jit_compile) and reused by later calls, each starting like a fresh fit (step 0, optimizer
   state zero) unless it resumes from a checkpoint: TF keeps every trace, so rebuilding them per
@@ -52,6 +57,8 @@ _LEARNING_RATE_CALLBACKS = (tf_keras.callbacks.LearningRateScheduler,
                             tf_keras.callbacks.ReduceLROnPlateau)
 # The progress bar shows the mean loss and gradient norm of this many most recent steps.
 PROGRESS_WINDOW = 50
+# Under `time_limit`, the seconds per step are the median of this many most recent bursts.
+_PLAN_BURSTS = 5
 
 
 class StepHistory(tf_keras.callbacks.History):
@@ -488,7 +495,8 @@ def fit(loss, variables, num_steps=2000, learning_rate=1e-3, seed=0, callbacks=N
         strategy=None, jit_compile=None, checkpoint_dir=None, verbose=1,
         steps_per_execution=20, checkpoint_every=500, max_bad_steps=50, clip_norm=100.,
         checkpoint_objects=None, on_fresh_start=None, on_resume=None, steps_per_epoch=None,
-        log_dir=None, summary_fn=None, summary_every=100, convergence="warn"):
+        log_dir=None, summary_fn=None, summary_every=100, convergence="warn",
+        time_limit=None, on_horizon=None):
   """Minimizes `loss` over `variables` with Adam.
 
   Args:
@@ -533,11 +541,21 @@ def fit(loss, variables, num_steps=2000, learning_rate=1e-3, seed=0, callbacks=N
     summary_every: steps between `summary_fn` calls.
     convergence: 'warn' (default: `Convergence()`, warns at the end if not converged), 'stop'
       (stops once converged), a `Convergence`, or None (off).
+    time_limit: optional seconds for the whole call, counted from its start (`on_fresh_start`
+      included). The steps planned are `min(num_steps, steps that fit the time left)`,
+      re-planned after every burst from the measured seconds per step (the first burst, which
+      traces, is not used); the learning-rate schedule and `on_horizon` follow the plan.
+      A start that leaves no time still runs one burst.
+    on_horizon: optional `on_horizon(planned_steps)`, called before the first step with
+      `num_steps` and again whenever `time_limit` changes the plan (e.g. to lay a loss's
+      annealing schedule over the steps that will run).
 
   Returns:
     A `StepHistory` (a `tf_keras.callbacks.History`) with per-step logs; `converged` (bool, or
-    None if not judged) and `convergence` (the last check's numbers).
+    None if not judged), `convergence` (the last check's numbers) and `planned_steps` (the
+    number of steps planned at the end: `num_steps`, or fewer under `time_limit`).
   """
+  t_call = time.perf_counter()
   if not callable(loss):
     raise TypeError(f"`loss` must be callable as loss(seed, step, shard), got {loss!r}.")
   num_steps = checks.positive_integer(num_steps, "num_steps")
@@ -550,6 +568,11 @@ def fit(loss, variables, num_steps=2000, learning_rate=1e-3, seed=0, callbacks=N
   max_bad_steps = checks.positive_integer(max_bad_steps, "max_bad_steps")
   clip_norm = checks.positive_number(clip_norm, "clip_norm")
   summary_every = checks.positive_integer(summary_every, "summary_every")
+  if time_limit is not None:
+    time_limit = checks.positive_number(time_limit, "time_limit")
+  if on_horizon is not None and not callable(on_horizon):
+    raise TypeError(f"`on_horizon` must be callable as on_horizon(planned_steps), got "
+                    f"{on_horizon!r}.")
   if isinstance(verbose, str) and verbose == "auto":
     verbose = 1
   if (isinstance(verbose, (bool, np.bool_)) or not isinstance(verbose, numbers.Integral)
@@ -594,7 +617,8 @@ def fit(loss, variables, num_steps=2000, learning_rate=1e-3, seed=0, callbacks=N
         runner, strategy, num_steps, learning_rate, seed, list(callbacks), checkpoint_dir,
         verbose, steps_per_execution, steps_per_epoch, checkpoint_every, max_bad_steps,
         clip_norm, dict(checkpoint_objects or {}),
-        on_fresh_start, on_resume, log_dir, summary_fn, summary_every, convergence)
+        on_fresh_start, on_resume, log_dir, summary_fn, summary_every, convergence,
+        _Plan(num_steps, t_call, time_limit, on_horizon))
 
 
 def _check_directory(directory, name, create):
@@ -628,7 +652,8 @@ def _restore(checkpoint, path, directory, runner, extras):
 def _fit_in_scope(runner, strategy, num_steps, learning_rate, seed, callbacks,
                   checkpoint_dir, verbose, steps_per_execution, steps_per_epoch,
                   checkpoint_every, max_bad_steps, clip_norm, checkpoint_objects,
-                  on_fresh_start, on_resume, log_dir, summary_fn, summary_every, convergence):
+                  on_fresh_start, on_resume, log_dir, summary_fn, summary_every, convergence,
+                  plan):
   """The loop of `fit`, under `strategy.scope()`; arguments already validated."""
   runner.reset(learning_rate)
   model = _FitModel(runner, strategy, checkpoint_objects)
@@ -681,25 +706,32 @@ def _fit_in_scope(runner, strategy, num_steps, learning_rate, seed, callbacks,
   window = {"loss": collections.deque(maxlen=PROGRESS_WINDOW),
             "grad_norm": collections.deque(maxlen=PROGRESS_WINDOW)}
   seed_tensor = tf.constant([seed % 2**31, seed // 2**31 % 2**31], tf.int32)
-  schedule_args = (tf.constant(clip_norm, tf.float32), tf.constant(float(num_steps)),
-                   tf.constant(float(max(1, num_steps // 20))), tf.constant(scheduled))
+  plan.begin()
+
+  def schedule_args():  # Tensors, so a new plan does not retrace the compiled burst.
+    return (tf.constant(clip_norm, tf.float32), tf.constant(float(plan.steps)),
+            tf.constant(float(max(1, plan.steps // 20))), tf.constant(scheduled))
+
   bad_run = 0
   current = start
   last_saved = start
   open_epoch = None
   epoch_logs = collections.defaultdict(list)
   t0 = time.time()
+  t_call = plan.deadline - plan.time_limit if plan.deadline is not None else None
   try:
-    while current < num_steps and not model.stop_training:
+    while current < plan.steps and not model.stop_training:
       epoch = current // steps_per_epoch
       if open_epoch != epoch:
         callback_list.on_epoch_begin(epoch)
         open_epoch = epoch
         epoch_logs.clear()
       epoch_end = (epoch + 1) * steps_per_epoch
-      count = min(steps_per_execution, epoch_end - current, num_steps - current)
+      count = min(steps_per_execution, epoch_end - current, plan.steps - current)
+      burst_began = time.perf_counter()
       done, losses, norms, oks, rates, extras = [
-          t.numpy() for t in runner.run_steps(tf.constant(count), seed_tensor, *schedule_args)]
+          t.numpy() for t in runner.run_steps(tf.constant(count), seed_tensor, *schedule_args())]
+      plan.after_burst(current + int(done), int(done), time.perf_counter() - burst_began)
       step_logs = []
       for i in range(int(done)):
         logs = {"loss": float(losses[i]), "grad_norm": float(norms[i]),
@@ -727,11 +759,11 @@ def _fit_in_scope(runner, strategy, num_steps, learning_rate, seed, callbacks,
       if writer is not None:
         _write_step_summaries(writer, previous, step_logs)
         if summary_fn is not None and (current // summary_every > previous // summary_every
-                                       or current >= num_steps):
+                                       or current >= plan.steps):
           with writer.as_default(step=current):
             summary_fn(current)
           writer.flush()
-      if current >= epoch_end or current >= num_steps or model.stop_training:
+      if current >= epoch_end or current >= plan.steps or model.stop_training:
         callback_list.on_epoch_end(epoch, {
             key: float(np.mean(values)) if values else float("nan")
             for key, values in epoch_logs.items()})
@@ -741,8 +773,9 @@ def _fit_in_scope(runner, strategy, num_steps, learning_rate, seed, callbacks,
                  for key, values in window.items()]
         shown += [(key, value) for key, value in step_logs[-1].items() if key not in window]
         if progbar is None:  # Every value shown is current, none averaged by the bar.
-          progbar = tf_keras.utils.Progbar(num_steps, verbose=verbose,
+          progbar = tf_keras.utils.Progbar(plan.steps, verbose=verbose,
                                            stateful_metrics=[key for key, _ in shown])
+        progbar.target = plan.steps
         progbar.update(current, values=shown)
       if manager is not None and current - last_saved >= checkpoint_every:
         _save(manager, current, chief, strategy)
@@ -756,11 +789,64 @@ def _fit_in_scope(runner, strategy, num_steps, learning_rate, seed, callbacks,
   if manager is not None and last_saved != start:
     _barrier(strategy)  # No worker reads the checkpoint before the chief has written it.
   callback_list.on_train_end({"seconds": time.time() - t0})
+  history.planned_steps = plan.steps
+  if plan.deadline is not None and plan.steps <= min(steps_per_execution, num_steps - 1):
+    warnings.warn(
+        f"`time_limit` ({plan.deadline - t_call:g} s) left time for {plan.steps} of the "
+        f"{num_steps} steps: the start and tracing took {plan.first_burst_end - t_call:.1f} s. "
+        "Give more time, or fewer `num_steps` to a start that is already done.", stacklevel=3)
   if convergence is not None:
     history.converged, history.convergence = convergence.converged, convergence.result
     if convergence.warning():
       warnings.warn(convergence.warning(), stacklevel=3)
   return history
+
+
+class _Plan:
+  """The number of steps to run: `num_steps`, or under a deadline what fits the time left.
+
+  After every burst but the first (which traces), the seconds per step (median of the last
+  `_PLAN_BURSTS` bursts) and the time left give the steps that fit; the plan changes when that
+  differs from it by more than 1% (and never exceeds `num_steps`).
+  """
+
+  def __init__(self, num_steps, began, time_limit, on_horizon):
+    self.num_steps = num_steps
+    self.steps = num_steps
+    self.time_limit = time_limit
+    self.deadline = None if time_limit is None else began + time_limit
+    self.first_burst_end = None
+    self.on_horizon = on_horizon
+    self._bursts = 0
+    self._per_step = collections.deque(maxlen=_PLAN_BURSTS)
+
+  def begin(self):
+    self.steps = self.num_steps
+    self._bursts = 0
+    self._per_step.clear()
+    if self.on_horizon is not None:
+      self.on_horizon(self.steps)
+
+  def after_burst(self, current, count, seconds):
+    self._bursts += 1
+    if self.deadline is None or count == 0:
+      return
+    left = self.deadline - time.perf_counter()
+    if self._bursts == 1:  # Tracing: not a measure of the step.
+      self.first_burst_end = self.deadline - left
+      if left <= 0:
+        self._set(current)
+      return
+    self._per_step.append(seconds / count)
+    per_step = max(float(np.median(self._per_step)), 1e-9)
+    planned = min(self.num_steps, current + max(0, int(left / per_step)))
+    if abs(planned - self.steps) > 0.01 * self.steps or planned <= current:
+      self._set(planned)
+
+  def _set(self, planned):
+    self.steps = int(planned)
+    if self.on_horizon is not None:
+      self.on_horizon(self.steps)
 
 
 def _save(manager, step, chief, strategy):

@@ -61,15 +61,41 @@ class StepSizeInResults(tfp.mcmc.TransitionKernel):
     return self._make_kernel(self._step_size).is_calibrated
 
   def one_step(self, current_state, previous_kernel_results, seed=None):
-    kernel = self._make_kernel(previous_kernel_results.step_size)
-    state, inner = kernel.one_step(current_state, previous_kernel_results.inner_results,
-                                   seed=seed)
+    step_size = previous_kernel_results.step_size
+    kernel = self._make_kernel(step_size)
+    inner = _drift_at(previous_kernel_results.inner_results, step_size)
+    state, inner = kernel.one_step(current_state, inner, seed=seed)
     return state, previous_kernel_results._replace(inner_results=inner)
 
   def bootstrap_results(self, init_state):
     step_size = tf.nest.map_structure(tf.convert_to_tensor, self._step_size)
     return StepSizeResults(self._make_kernel(step_size).bootstrap_results(init_state),
                            step_size)
+
+
+def _drift_at(results, step_size):
+  """Langevin results with the current state's drift recomputed at `step_size`.
+
+  `tfp.mcmc` Langevin kernels cache the drift `0.5 h (v^2 grad log p + grad v^2)` of the
+  current state in their results, computed with the step size `h` of the step that reached
+  it, and reuse it for the next proposal. When the step size changes between steps, the
+  forward proposal would then use the old `h` and the reverse density the new one: the
+  acceptance ratio is wrong (as `h` shrinks it falls towards 0 and dual averaging shrinks
+  `h` to 0). Other results pass through unchanged.
+  """
+  accepted = getattr(results, "accepted_results", None)
+  if accepted is None or "diffusion_drift" not in getattr(accepted, "_fields", ()):
+    return results
+  grads = accepted.grads_target_log_prob
+  listed = isinstance(grads, (list, tuple))
+  parts = zip(*(tf.nest.flatten(v) for v in (accepted.volatility, accepted.grads_volatility,
+                                              grads)))
+  steps = tf.nest.flatten(step_size)
+  steps = steps * len(tf.nest.flatten(grads)) if len(steps) == 1 else steps
+  drift = [0.5 * tf.cast(h, g.dtype) * (tf.square(v) * g + gv)
+           for h, (v, gv, g) in zip(steps, parts)]
+  drift = drift if listed else drift[0]
+  return results._replace(accepted_results=accepted._replace(diffusion_drift=drift))
 
 
 class ChainOutput(collections.namedtuple(

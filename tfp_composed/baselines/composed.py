@@ -1,8 +1,10 @@
 """Methods built on the composed posterior: `composed`, `composed_sir`, `neutra_hmc`.
 
 * `composed`: `ComposedPosterior(prior, likelihood, y).fit(...)` with `fit()`'s defaults
-  (Laplace start, its number of steps, batch size and learning rate) [1], stopped early by a
-  callback when the budget runs out; then `num_samples` draws with exact `log q(x)`.
+  (Laplace start, its number of steps, batch size and learning rate) [1]; under a budget,
+  `fit(time_limit=...)` plans the steps that fit the time left after the start, so its
+  annealing and learning-rate schedules finish in time (a callback also stops it at the
+  deadline); then `num_samples` draws with exact `log q(x)`.
 
 All three accept `posterior=` (a fitted `ComposedPosterior` of the same prior and observation,
 e.g. `info["posterior"]` of an earlier run) to skip the fit, and otherwise the
@@ -46,6 +48,8 @@ __all__ = ["composed", "composed_sir", "fit_composed", "neutra_hmc"]
 _POSTERIOR_OPTIONS = ("pregenerator", "num_components", "base")
 # Share of a budget kept back for drawing the returned samples after a fit.
 _SAMPLING_RESERVE = 0.05
+# `time_limit` given to a budgeted fit whose clock has (nearly) run out.
+_MIN_FIT_SECONDS = 1e-3
 
 
 
@@ -83,6 +87,8 @@ def fit_composed(problem, clock, num_steps, seed, options):
   # Under a budget the importance check after training would run past the deadline; the
   # diagnostics of a budgeted run are the caller's to compute.
   fit_kwargs = dict(seed=seed, verbose=0, check_weights=not clock.has_budget)
+  if clock.has_budget:  # Plans the steps (and lays the schedules over them) to fit the clock.
+    fit_kwargs["time_limit"] = max(_MIN_FIT_SECONDS, clock.remaining())
   fit_kwargs.update(options)
   if num_steps is not None:
     fit_kwargs["num_steps"] = num_steps
