@@ -9,6 +9,9 @@ than the target by a factor `r` in scale gives weights with Pareto tail index `k
 (`w = exp(a u^2)` with `u ~ N(0, r^2)`), far above 0.7 for `r = 0.3`.
 """
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import tensorflow_probability as tfp
@@ -103,6 +106,43 @@ def test_diagnose_of_the_exact_posterior_has_constant_weights(linear_gaussian):
   stage.set_gaussian(np.zeros(2), np.eye(2))
   far = posterior.diagnose(num_samples=2000, seed=3)
   assert far.gap > 0.1 and far.ess_fraction < 0.9
+
+
+class _TraceCounting:
+  """A posterior as `diagnose` sees it, counting the Python calls of its sampler: inside a
+  `tf.function` these happen only while tracing."""
+
+  def __init__(self, posterior):
+    self._posterior = posterior
+    self.traces = 0
+
+  @property
+  def target(self):
+    return self._posterior.target
+
+  def latent_sample_and_log_prob(self, sample_shape=(), seed=None):
+    self.traces += 1
+    return self._posterior.latent_sample_and_log_prob(sample_shape, seed=seed)
+
+
+def test_repeated_diagnoses_trace_once_and_do_not_keep_the_posterior(linear_gaussian):
+  case = linear_gaussian
+  posterior = tfc.ComposedPosterior(case["lg"].prior, case["likelihood"], case["y"],
+                                    pregenerator=tfc.pregenerators.affine([2]),
+                                    num_components=1)
+  counting = _TraceCounting(posterior)
+  first = tfc.diagnostics.diagnose(counting, num_samples=256, seed=0, batch_size=128)
+  for seed in (1, 2, 0):
+    last = tfc.diagnostics.diagnose(counting, num_samples=256, seed=seed, batch_size=128)
+  assert counting.traces == 1
+  assert last == first  # The reused function: same seed, same weights.
+  other = _TraceCounting(posterior)
+  tfc.diagnostics.diagnose(other, num_samples=256, seed=0, batch_size=128)
+  assert other.traces == 1  # One function per object.
+  ref = weakref.ref(counting)
+  del counting
+  gc.collect()
+  assert ref() is None
 
 
 def test_fit_reports_diagnostics_when_verbose(linear_gaussian, capsys):

@@ -41,6 +41,7 @@ draws `[num_draws, num_chains] + event_shape` (cross-chain ESS, split R-hat [3])
 import dataclasses
 import math
 import warnings
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -154,6 +155,35 @@ def importance_diagnostics(log_weights):
       trustworthy=bool(k_hat < threshold and not nan.any()))
 
 
+# posterior -> its compiled `_compile_log_weights` function; entries die with the posterior.
+_LOG_WEIGHT_FNS = weakref.WeakKeyDictionary()
+
+
+def _compile_log_weights(posterior_ref):
+  """`(count, seed) -> log w` of `count` draws, compiled; `posterior_ref()` is the posterior."""
+
+  @tf.function(reduce_retracing=True)
+  def log_weights(count, batch_seed):
+    posterior = posterior_ref()
+    z, log_q = posterior.latent_sample_and_log_prob(count, seed=batch_seed)
+    return posterior.target.log_prob(z) - log_q
+
+  return log_weights
+
+
+def _log_weights_fn(posterior):
+  """The compiled log-weight function of `posterior`: one per posterior object, so repeated
+  diagnoses (one after every `fit`) do not retrace, each trace holding memory TF never
+  returns. The cache holds the posterior weakly: it does not keep it alive."""
+  try:
+    fn = _LOG_WEIGHT_FNS.get(posterior)
+  except TypeError:  # Not weakly referenceable or not hashable: no reuse.
+    return _compile_log_weights(lambda: posterior)
+  if fn is None:
+    fn = _LOG_WEIGHT_FNS[posterior] = _compile_log_weights(weakref.ref(posterior))
+  return fn
+
+
 def importance_log_weights(posterior, num_samples=4096, seed=0, batch_size=1024):
   """`log w = target(z) - log q(z)` for `z ~ q(z)` of a `ComposedPosterior`, NumPy `[n]`.
 
@@ -164,17 +194,7 @@ def importance_log_weights(posterior, num_samples=4096, seed=0, batch_size=1024)
   seed = checks.seed(seed)
   base = tf.constant([seed % 2**31, (seed // 2**31) % 2**31], tf.int32)
 
-  # One compiled function per posterior, kept on it, so repeated diagnoses do not retrace
-  # (each trace holds memory TF never returns).
-  batch = getattr(posterior, "_importance_weights_fn", None)
-  if batch is None:
-
-    @tf.function(reduce_retracing=True)
-    def batch(count, batch_seed):
-      z, log_q = posterior.latent_sample_and_log_prob(count, seed=batch_seed)
-      return posterior.target.log_prob(z) - log_q
-
-    posterior._importance_weights_fn = batch  # pylint: disable=protected-access
+  batch = _log_weights_fn(posterior)
   out = []
   for b, start in enumerate(range(0, num_samples, batch_size)):
     count = min(batch_size, num_samples - start)

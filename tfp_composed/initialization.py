@@ -149,6 +149,15 @@ def find_modes(target, num_components, seed=0, num_starts=None, num_steps=500):
       values=np.array([entry[1] for entry in selected]))
 
 
+def _row_gradients(target, z):
+  """`d/dz sum(target(z))`: the gradient of every row of `z` (rows are independent). Under an
+  enclosing tape that watches `z`, it is recorded there too, for second derivatives."""
+  with tf.GradientTape() as tape:
+    tape.watch(z)
+    value = tf.reduce_sum(target(z))
+  return tape.gradient(value, z)
+
+
 def _ascend(target, starts, num_steps, learning_rate=0.1):
   """Batched Adam ascent of `target` from each row of `starts`: (positions, values).
 
@@ -162,10 +171,7 @@ def _ascend(target, starts, num_steps, learning_rate=0.1):
     m = tf.zeros_like(z)
     v = tf.zeros_like(z)
     for i in tf.range(num_steps):
-      with tf.GradientTape() as tape:
-        tape.watch(z)
-        value = tf.reduce_sum(target(z))
-      g = tape.gradient(value, z)
+      g = _row_gradients(target, z)
       g = tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
       t = tf.cast(i + 1, z.dtype)
       m = 0.9 * m + 0.1 * g
@@ -191,10 +197,7 @@ def _newton_ascent(target, z, values, dtype, min_precision, num_iterations=25):
   def gradient_and_hessian(points):
     with tf.GradientTape() as outer:
       outer.watch(points)
-      with tf.GradientTape() as inner:
-        inner.watch(points)
-        value = tf.reduce_sum(target(points))
-      grad = inner.gradient(value, points)
+      grad = _row_gradients(target, points)
     return grad, outer.batch_jacobian(grad, points)
 
   lengths = np.array([1., 0.5, 0.25, 0.1, 0.03])
@@ -261,10 +264,7 @@ def _hessian_vector_products(target, z, vectors):
   points = tf.tile(z[tf.newaxis], [tf.shape(vectors)[0], 1])
   with tf.GradientTape() as outer:
     outer.watch(points)
-    with tf.GradientTape() as inner:
-      inner.watch(points)
-      value = tf.reduce_sum(target(points))
-    grad = inner.gradient(value, points)
+    grad = _row_gradients(target, points)
     gv = tf.reduce_sum(grad * vectors)
   return outer.gradient(gv, points)
 

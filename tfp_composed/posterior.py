@@ -312,17 +312,17 @@ class ComposedPosterior(tfd.TransformedDistribution):
   @property
   def prior(self):
     """The frozen flow prior `p(x) = TransformedDistribution(p_base, f)`."""
-    return self._prior
+    return self._target.prior
 
   @property
   def likelihood(self):
     """The observation model `p(y | x)`."""
-    return self._likelihood
+    return self._target.likelihood
 
   @property
   def observation(self):
     """The observation `y`."""
-    return self._observation
+    return self._target.observation
 
   @property
   def pregenerator(self):
@@ -336,7 +336,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
   @property
   def latent_event_shape(self):
     """Event shape of the prior's latent `z` (the pre-generator's domain)."""
-    return self._latent_shape
+    return self._target.latent_event_shape
 
   @property
   def initialized(self):

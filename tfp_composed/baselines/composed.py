@@ -173,10 +173,7 @@ def neutra_hmc(problem, *, clock, num_steps, seed, num_samples, fit_fraction=0.5
       step_size=tf.constant(checks.positive_number(step_size, "step_size"), problem.dtype),
       num_leapfrog_steps=checks.positive_integer(num_leapfrog_steps, "num_leapfrog_steps"))
   transformed = tfp.mcmc.TransformedTransitionKernel(inner, posterior.latent_bijector)
-  kernel = tfp.mcmc.DualAveragingStepSizeAdaptation(
-      transformed, num_adaptation_steps=2**30,
-      target_accept_prob=tf.constant(_core.unit_interval(target_accept, "target_accept"),
-                                     problem.dtype))
+  kernel = mcmc_lib.dual_averaging(transformed, target_accept, problem.dtype)
   eps = posterior.distribution.sample(num_chains, seed=_core.stateless_seed(seed, 6))
   init = posterior.latent_bijector.forward(eps)
   x, info = mcmc_lib.sample_latent_chains(

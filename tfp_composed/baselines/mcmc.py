@@ -44,7 +44,7 @@ from tfp_composed import diagnostics
 from tfp_composed.baselines import _chains
 from tfp_composed.baselines import _core
 
-__all__ = ["hmc", "mala", "nuts", "ula", "sample_latent_chains"]
+__all__ = ["dual_averaging", "hmc", "mala", "nuts", "ula", "sample_latent_chains"]
 
 _DEFAULT_CHAINS = 64
 # Transitions (warm-up included) when neither `num_steps` nor a budget is given.
@@ -90,6 +90,18 @@ def sample_latent_chains(problem, kernel, init_state, *, clock, num_steps, seed,
   return x, info
 
 
+def dual_averaging(kernel, target_accept, dtype):
+  """`kernel` with its step size adapted by dual averaging to acceptance `target_accept`.
+
+  The adaptation has no end of its own (`num_adaptation_steps=2**30`): `_chains.run_chains`
+  freezes the step size when the warm-up ends.
+  """
+  return tfp.mcmc.DualAveragingStepSizeAdaptation(
+      kernel, num_adaptation_steps=2**30,
+      target_accept_prob=tf.constant(_core.unit_interval(target_accept, "target_accept"),
+                                     dtype))
+
+
 def _init(problem, num_chains, seed):
   num_chains = checks.positive_integer(num_chains, "num_chains")
   return problem.prior.distribution.sample(num_chains, seed=_core.stateless_seed(seed, 1))
@@ -99,18 +111,30 @@ def _step(problem, value, name="step_size"):
   return tf.constant(checks.positive_number(value, name), problem.dtype)
 
 
+def _mala_kernel(problem, step_size):
+  """MALA on the latent target, its step size in the results (`_chains.StepSizeInResults`)."""
+  target = problem.target.log_prob
+  make = lambda h: tfp.mcmc.MetropolisAdjustedLangevinAlgorithm(target, step_size=h)
+  return _chains.StepSizeInResults(make, _step(problem, step_size))
+
+
+def _run(problem, kernel, target_accept, *, clock, num_steps, seed, num_samples, num_chains,
+         warmup_fraction, jit_compile, sampling_kernel=None):
+  """Adapts `kernel` to `target_accept` and runs it from `num_chains` draws of `p_base`."""
+  return sample_latent_chains(
+      problem, dual_averaging(kernel, target_accept, problem.dtype),
+      _init(problem, num_chains, seed), clock=clock, num_steps=num_steps,
+      seed=_core.stateless_seed(seed, 2), num_samples=num_samples,
+      warmup_fraction=warmup_fraction, jit_compile=jit_compile,
+      sampling_kernel=sampling_kernel)
+
+
 def mala(problem, *, clock, num_steps, seed, num_samples, num_chains=_DEFAULT_CHAINS,
          step_size=0.1, target_accept=0.574, warmup_fraction=0.5, jit_compile=False):
   """Metropolis-adjusted Langevin on the latent target (see the module docstring)."""
-  target = problem.target.log_prob
-  make = lambda h: tfp.mcmc.MetropolisAdjustedLangevinAlgorithm(target, step_size=h)
-  kernel = tfp.mcmc.DualAveragingStepSizeAdaptation(
-      _chains.StepSizeInResults(make, _step(problem, step_size)), num_adaptation_steps=2**30,
-      target_accept_prob=tf.constant(_core.unit_interval(target_accept, "target_accept"),
-                                     problem.dtype))
-  x, info = sample_latent_chains(
-      problem, kernel, _init(problem, num_chains, seed), clock=clock, num_steps=num_steps,
-      seed=_core.stateless_seed(seed, 2), num_samples=num_samples,
+  x, info = _run(
+      problem, _mala_kernel(problem, step_size), target_accept, clock=clock,
+      num_steps=num_steps, seed=seed, num_samples=num_samples, num_chains=num_chains,
       warmup_fraction=warmup_fraction, jit_compile=jit_compile)
   return x, None, info
 
@@ -118,26 +142,21 @@ def mala(problem, *, clock, num_steps, seed, num_samples, num_chains=_DEFAULT_CH
 def ula(problem, *, clock, num_steps, seed, num_samples, num_chains=_DEFAULT_CHAINS,
         step_size=0.1, ula_step_factor=0.1, warmup_fraction=0.5, jit_compile=False):
   """Unadjusted Langevin with `ula_step_factor` times MALA's adapted step (module docstring)."""
-  target = problem.target.log_prob
   factor = _core.unit_interval(ula_step_factor, "ula_step_factor")
-  mala_kernel = lambda h: tfp.mcmc.MetropolisAdjustedLangevinAlgorithm(target, step_size=h)
-  kernel = tfp.mcmc.DualAveragingStepSizeAdaptation(
-      _chains.StepSizeInResults(mala_kernel, _step(problem, step_size)),
-      num_adaptation_steps=2**30, target_accept_prob=tf.constant(0.574, problem.dtype))
+  mala_kernel = _mala_kernel(problem, step_size)
   ula_step = tf.Variable(tf.constant(step_size, problem.dtype), trainable=False,
                          name="ula_step_size")
 
   def set_step_size(h_mala):
     ula_step.assign(tf.cast(h_mala, problem.dtype) * factor)
 
-  sampling_kernel = (tfp.mcmc.UncalibratedLangevin(target, step_size=ula_step),
+  sampling_kernel = (tfp.mcmc.UncalibratedLangevin(problem.target.log_prob, step_size=ula_step),
                      set_step_size)
 
-  x, info = sample_latent_chains(
-      problem, kernel, _init(problem, num_chains, seed), clock=clock, num_steps=num_steps,
-      seed=_core.stateless_seed(seed, 2), num_samples=num_samples,
-      warmup_fraction=warmup_fraction, jit_compile=jit_compile,
-      sampling_kernel=sampling_kernel)
+  x, info = _run(
+      problem, mala_kernel, 0.574, clock=clock, num_steps=num_steps, seed=seed,
+      num_samples=num_samples, num_chains=num_chains, warmup_fraction=warmup_fraction,
+      jit_compile=jit_compile, sampling_kernel=sampling_kernel)
   info["mala_step_size"] = info["step_size"]
   info["step_size"] = float(ula_step.numpy())
   info["acceptance"] = 1.  # Every ULA proposal is taken.
@@ -152,14 +171,10 @@ def hmc(problem, *, clock, num_steps, seed, num_samples, num_chains=_DEFAULT_CHA
   inner = tfp.mcmc.HamiltonianMonteCarlo(
       problem.target.log_prob, step_size=_step(problem, step_size),
       num_leapfrog_steps=checks.positive_integer(num_leapfrog_steps, "num_leapfrog_steps"))
-  kernel = tfp.mcmc.DualAveragingStepSizeAdaptation(
-      inner, num_adaptation_steps=2**30,
-      target_accept_prob=tf.constant(_core.unit_interval(target_accept, "target_accept"),
-                                     problem.dtype))
-  x, info = sample_latent_chains(
-      problem, kernel, _init(problem, num_chains, seed), clock=clock, num_steps=num_steps,
-      seed=_core.stateless_seed(seed, 2), num_samples=num_samples,
-      warmup_fraction=warmup_fraction, jit_compile=jit_compile)
+  x, info = _run(
+      problem, inner, target_accept, clock=clock, num_steps=num_steps, seed=seed,
+      num_samples=num_samples, num_chains=num_chains, warmup_fraction=warmup_fraction,
+      jit_compile=jit_compile)
   info["num_leapfrog_steps"] = num_leapfrog_steps
   return x, None, info
 
@@ -171,13 +186,9 @@ def nuts(problem, *, clock, num_steps, seed, num_samples, num_chains=_DEFAULT_CH
   inner = tfp.mcmc.NoUTurnSampler(
       problem.target.log_prob, step_size=_step(problem, step_size),
       max_tree_depth=checks.positive_integer(max_tree_depth, "max_tree_depth"))
-  kernel = tfp.mcmc.DualAveragingStepSizeAdaptation(
-      inner, num_adaptation_steps=2**30,
-      target_accept_prob=tf.constant(_core.unit_interval(target_accept, "target_accept"),
-                                     problem.dtype))
-  x, info = sample_latent_chains(
-      problem, kernel, _init(problem, num_chains, seed), clock=clock, num_steps=num_steps,
-      seed=_core.stateless_seed(seed, 2), num_samples=num_samples,
-      warmup_fraction=warmup_fraction, jit_compile=jit_compile)
+  x, info = _run(
+      problem, inner, target_accept, clock=clock, num_steps=num_steps, seed=seed,
+      num_samples=num_samples, num_chains=num_chains, warmup_fraction=warmup_fraction,
+      jit_compile=jit_compile)
   info["max_tree_depth"] = max_tree_depth
   return x, None, info

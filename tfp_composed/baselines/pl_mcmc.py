@@ -115,12 +115,10 @@ def pl_mcmc(problem, *, clock, num_steps, seed, num_samples, num_chains=64, step
     return tfp.mcmc.RandomWalkMetropolis(
         target.log_prob, new_state_fn=tfp.mcmc.random_walk_normal_fn(scale=scales))
 
-  kernel = tfp.mcmc.DualAveragingStepSizeAdaptation(
+  kernel = mcmc_lib.dual_averaging(
       _chains.StepSizeInResults(make, [tf.constant(h, dtype),
                                        tf.constant(h * observed_ratio, dtype)]),
-      num_adaptation_steps=2**30,
-      target_accept_prob=tf.constant(_core.unit_interval(target_accept, "target_accept"),
-                                     dtype))
+      target_accept, dtype)
   z0 = problem.prior.distribution.sample(num_chains, seed=_core.stateless_seed(seed, 1))
   v0 = tf.broadcast_to(problem.observation, [num_chains, operator.num_observed])
 
