@@ -18,8 +18,9 @@ started from the prior's base `p_base`, and return `x = f(z)`:
   `h / (4 s^2)` along the narrowest direction is under about 10% (8.5% on the test
   problem), smaller along wider ones; mixing along a direction of variance `v` takes about
   `2 v / h` steps. MALA's warm-up cannot diverge, which ULA's could.
-  (Dual averaging straight to a high MALA acceptance such as 0.95 is unstable in float32
-  from a start far from the posterior: the step collapses to 0.)
+  While dual averaging changes the step size, `_chains.StepSizeInResults` recomputes the
+  drift that TFP's Langevin kernels cache in their results at the new step size (with the
+  cached drift of the old step the acceptance ratio is wrong and the step collapsed to 0).
 
 Warm-up (`warmup_fraction` of the steps or the time, default half) is discarded; the step size
 is then frozen at the dual-averaging average and every `thin`-th state is recorded so that
