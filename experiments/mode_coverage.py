@@ -27,7 +27,8 @@ import numpy as np
 import tfp_composed as tfc
 
 PROBLEMS = ("bimodal_blocks", "nonlinear_blocks", "linear_gaussian_64",
-            "rotated_bimodal_blocks", "rotated_nonlinear_blocks")
+            "rotated_bimodal_blocks", "rotated_nonlinear_blocks",
+            "latent_rotated_bimodal_blocks", "latent_rotated_nonlinear_blocks")
 
 # The defaults before the mode-coverage work, as options of the current code.
 OLD = dict(posterior=dict(base="mixture", num_components=8),
