@@ -16,8 +16,9 @@ moments of the modes found), `S = V diag(s) V^T`, and the default pre-generator 
 fixed rotation last, `z = V (shift + L h(eps))` (`h` its couplings, `L` its triangular
 affine stage). One mode: `shift = V^T m`, `L = diag(s)^(1/2)`, no annealing, so `q` starts
 at `N(m, S)` as with `fit`'s Laplace start (`L L^T = S`, Cholesky); several modes: `L = I`,
-`q` starts at the prior (rotated) and anneals as with `fit`'s start. The start is
-equivariant under rotations of the latent space, where Cholesky's is not.
+`q` starts at the prior (rotated) and anneals as with `fit`'s start. Apart from the mode
+search, the start does not depend on the latent coordinate axes, where Cholesky's does. It is
+an experiment, not a fix: it failed on `bimodal_blocks` (results/mode_coverage.md).
 
 Example:
 
