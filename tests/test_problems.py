@@ -24,6 +24,8 @@ SMALL = {
     "nonlinear_blocks": dict(num_blocks=2),
     "rotated_bimodal_blocks": dict(num_blocks=2),
     "rotated_nonlinear_blocks": dict(num_blocks=2),
+    "latent_rotated_bimodal_blocks": dict(num_blocks=2),
+    "latent_rotated_nonlinear_blocks": dict(num_blocks=2),
     "linear_gaussian_64": dict(),
 }
 
@@ -276,6 +278,61 @@ def test_rotated_problem_is_the_block_problem_seen_through_q(name):
   sd = rotated.stddev
   corr = rotated.covariance / np.outer(sd, sd)
   assert np.abs(corr[:2, 2:]).max() > 0.2, corr
+
+
+def _cross_block_correlation(z):
+  """Largest `|corr(z_i, z_j)|` over coordinates `i`, `j` of different 2-D blocks."""
+  corr = np.corrcoef(z.T)
+  other_block = np.kron(np.eye(z.shape[1] // 2), np.ones([2, 2])) == 0
+  return np.abs(corr[other_block]).max()
+
+
+@pytest.mark.parametrize("name", ["bimodal_blocks", "nonlinear_blocks"])
+def test_latent_rotated_problem_is_the_block_problem_with_a_rotated_latent(name):
+  """`x = f(R z)` with `z ~ N(0, I)` is `x = f(w)`, `w ~ N(0, I)`: the same `p(x)` and exact
+  posterior, while the latent posterior is the block one turned by `R^T`.
+
+  Float32 log densities of size ~10-40 agree to 1e-4 (the extra matvec rounds `z` at ~1e-7
+  relative; measured 4e-6 at D = 16). Cross-block latent correlations from n = 4000 exact
+  draws: zero for the block problem, where the 4 estimates have standard error
+  `1 / sqrt(n) = 0.016`, so below 4 of them (measured 0.03); above 0.1, six of them, once
+  rotated (measured 0.21 for the bimodal blocks and 0.83 for the nonlinear ones).
+  """
+  plain = _small(name)
+  rotated = _small("latent_rotated_" + name)
+  r = rotated.latent_rotation
+  assert rotated.rotation is None and plain.latent_rotation is None
+  np.testing.assert_allclose(r.T @ r, np.eye(4), atol=1e-12)
+  # The exact side is the block problem's, bit for bit.
+  x = rotated.exact_sample(4000, seed=4)
+  np.testing.assert_array_equal(x, plain.exact_sample(4000, seed=4))
+  np.testing.assert_array_equal(rotated.exact_log_prob(x), plain.exact_log_prob(x))
+  np.testing.assert_array_equal(rotated.mean, plain.mean)
+  np.testing.assert_array_equal(rotated.covariance, plain.covariance)
+  if plain.mode_masses is not None:
+    np.testing.assert_array_equal(rotated.mode_masses, plain.mode_masses)
+  # The float32 priors are one density in x: log N(R^T w) = log N(w).
+  x32 = tf.constant(np.concatenate([x[:500], plain.prior.sample(500, seed=[1, 2]).numpy()]),
+                    tf.float32)
+  np.testing.assert_allclose(rotated.prior.log_prob(x32).numpy(),
+                             plain.prior.log_prob(x32).numpy(), atol=1e-4)
+  # In latent space the flows differ by R: f_rotated(z) = f(R z), so the latent targets are
+  # one another's rotations.
+  z = rotated.to_latent(x[:500])
+  np.testing.assert_allclose(z, plain.to_latent(x[:500]) @ r, atol=1e-12)
+  np.testing.assert_allclose(rotated.prior.bijector.inverse(x32[:500]).numpy(), z, atol=1e-4)
+  z32 = tf.constant(z, tf.float32)
+  np.testing.assert_allclose(rotated.prior.bijector.forward(z32).numpy(),
+                             plain.prior.bijector.forward(tf.constant(z @ r.T, tf.float32))
+                             .numpy(), atol=1e-4)
+  targets = [tfc.targets.LatentTarget(p.prior, p.likelihood, p.observation)
+             for p in (rotated, plain)]
+  np.testing.assert_allclose(targets[0].log_prob(z32).numpy(),
+                             targets[1].log_prob(tf.constant(z @ r.T, tf.float32)).numpy(),
+                             atol=5e-4)  # Residuals over the noise scale: measured 4e-5.
+  # The latent posterior is block-wise before the rotation and not after it.
+  assert _cross_block_correlation(plain.to_latent(x)) < 4. / np.sqrt(4000)
+  assert _cross_block_correlation(rotated.to_latent(x)) > 0.1
 
 
 def test_seeds_are_explicit(problem):

@@ -67,7 +67,16 @@ per-block log-determinants.
   prior `p(x) = p_u(Q^T x)` (a flow: `Chain([Orthogonal(Q), f])`, volume preserving) and
   the observation `y_b = h_b((Q^T x)_b) + noise` (for the bimodal one, phaseless
   measurements of orthogonal projections). Nothing is block-wise in `x`, yet
-  `p(x | y) = p_u(Q^T x | y)` stays exact; modes are defined in `u = Q^T x`.
+  `p(x | y) = p_u(Q^T x | y)` stays exact; modes are defined in `u = Q^T x`. The latent
+  posterior is the block problem's (the latent is `f^-1(Q^T x)`), block-wise and, for
+  the bimodal blocks, bimodal along latent coordinate axes.
+* `latent_rotated_bimodal_blocks`, `latent_rotated_nonlinear_blocks`: the rotation comes
+  first in the flow, `x = f(R z)` (`Chain([f, Orthogonal(R)])`, `R` the `Q` of the same
+  seed). Since `N(0, I)` is rotation invariant, `p(x)`, the observation and `p(x | y)`
+  (grid, exact draws, scores, modes) are exactly the block problem's; the latent
+  posterior `p(z | y) = p_w(R z | y)` (`w` the block problem's latent) is rotated by
+  `R^T` and mixes every block, so a method that factorizes the latent space cannot use
+  the blocks' independence.
 
 `num_blocks` (1 to 8) keeps the first blocks; `num_blocks=2` is the fast variant for tests.
 
@@ -156,6 +165,8 @@ __all__ = [
     "nonlinear_blocks",
     "rotated_bimodal_blocks",
     "rotated_nonlinear_blocks",
+    "latent_rotated_bimodal_blocks",
+    "latent_rotated_nonlinear_blocks",
     "linear_gaussian_64",
     "energy_distance",
     "BlockFlow",
@@ -520,7 +531,9 @@ class BlockProblem(Problem):
   """A product of independent 2-D blocks, each normalized on its own grid (float64).
 
   Besides the `Problem` interface: `num_blocks`, `rotation` (`Q` or `None`),
-  `to_blocks(x)` (`[n, dim] -> [n, B, 2]`, `u = Q^T x`), `block_log_unnormalized(u)`
+  `latent_rotation` (`R` or `None`), `to_blocks(x)` (`[n, dim] -> [n, B, 2]`, `u = Q^T x`),
+  `to_latent(x)` (`[n, dim] -> [n, dim]`, the prior's latent `z = f^-1(x)`, float64),
+  `block_log_unnormalized(u)`
   (`[n, B, 2] -> [n, B]`), `log_normalizer` (`[B]`, `log Z_b`), the grid (`grid_lo`,
   `grid_hi`, `cell_size` `[B, 2]`; `grid_log_density` `[B, n, n]`, the normalized log
   density at the cell centres, axis 1 along `x_{b,1}`), `cell_diagonal` and
@@ -535,11 +548,14 @@ class BlockProblem(Problem):
     mode_fn: optional NumPy callable `[n, B, 2] -> [n, B]` integers in `[0, num_modes)`.
     num_modes: number of modes per block when `mode_fn` is given.
     rotation: optional `[2B, 2B]` orthogonal `Q`: the problem is seen as `x = Q u`.
+    latent_rotation: optional `[2B, 2B]` orthogonal `R`: the prior's flow starts with it,
+      `x = f(R z)`. `p(x)`, the observation and the exact posterior in `x` do not change
+      (`R z ~ N(0, I)`); the latent posterior `p(z | y)` is the block one rotated by `R^T`.
     grid_size: positive int, grid points per axis and block.
   """
 
   def __init__(self, name, params, observe, observation, noise, mode_fn=None, num_modes=2,
-               rotation=None, grid_size=512):
+               rotation=None, latent_rotation=None, grid_size=512):
     self.name = name
     self.grid_size = _positive_int(grid_size, "grid_size")
     if self.grid_size < 64:
@@ -561,6 +577,8 @@ class BlockProblem(Problem):
     self._mode_fn = mode_fn
     self.num_modes = None if mode_fn is None else _positive_int(num_modes, "num_modes")
     self.rotation = None if rotation is None else np.asarray(rotation, np.float64)
+    self.latent_rotation = (None if latent_rotation is None else
+                            np.asarray(latent_rotation, np.float64))
 
     # The TensorFlow side: float32 flow prior and likelihood.
     self.block_flow = BlockFlow(self._params, tf.float32)
@@ -568,6 +586,8 @@ class BlockProblem(Problem):
                  tfb.Reshape([b, 2], [self.dim])]
     if self.rotation is not None:
       bijectors.insert(0, Orthogonal(self.rotation))
+    if self.latent_rotation is not None:  # Applied first: `z -> R z -> f`.
+      bijectors.append(Orthogonal(self.latent_rotation, name="latent_rotation"))
     self.prior = tfd.TransformedDistribution(_standard_base(self.dim), tfb.Chain(bijectors),
                                              name=name + "_prior")
     operator = operators_lib.Lambda(_BlockObservation(observe, b, self.rotation),
@@ -673,6 +693,18 @@ class BlockProblem(Problem):
     x = _samples(x, self.dim)
     u = x if self.rotation is None else x @ self.rotation
     return u.reshape(-1, self.num_blocks, 2)
+
+  def to_latent(self, x):
+    """`[n, dim] -> [n, dim]`: the prior's latent `z = f^-1(x)` in float64.
+
+    `z = R^T w`, `w_b = f_b^-1(u_b)` the block flow's latent of `u = Q^T x` (`R`, `Q` the
+    identity when absent). Exact posterior draws `x` give exact draws of `p(z | y)`.
+    """
+    u = self.to_blocks(x)
+    w = np.concatenate([self._flow64.inverse(tf.constant(u[i:i + (1 << 17)], tf.float64))
+                        .numpy() for i in range(0, u.shape[0], 1 << 17)], 0)
+    w = w.reshape(-1, self.dim)
+    return w if self.latent_rotation is None else w @ self.latent_rotation
 
   def exact_log_prob(self, x):
     u = self.to_blocks(x)
@@ -830,7 +862,18 @@ def _rotation(num_blocks, seed):
   return _random_orthogonal(2 * num_blocks, [int(seed), 2 * num_blocks])
 
 
-def bimodal_blocks(num_blocks=8, grid_size=512, rotation_seed=None):
+def _rotations(name, num_blocks, rotation_seed, latent_rotation_seed):
+  """The problem's name and its `Q` (after `f`) and `R` (before `f`), each `None` or seeded."""
+  rotation = latent = None
+  if rotation_seed is not None:
+    rotation, name = _rotation(num_blocks, rotation_seed), "rotated_" + name
+  if latent_rotation_seed is not None:
+    latent, name = _rotation(num_blocks, latent_rotation_seed), "latent_rotated_" + name
+  return name, rotation, latent
+
+
+def bimodal_blocks(num_blocks=8, grid_size=512, rotation_seed=None,
+                   latent_rotation_seed=None):
   """Phaseless block measurements `y_b = x_{b,1}^2 + N(0, 0.4^2)`: two modes per block.
 
   Args:
@@ -838,18 +881,22 @@ def bimodal_blocks(num_blocks=8, grid_size=512, rotation_seed=None):
     grid_size: grid points per axis and block.
     rotation_seed: optional non-negative int: view the problem through the random
       orthogonal `Q` of this seed (`rotated_bimodal_blocks`).
+    latent_rotation_seed: optional non-negative int: start the prior's flow with the random
+      orthogonal `R` of this seed, `x = f(R z)` (`latent_rotated_bimodal_blocks`).
 
   Returns:
     A `BlockProblem` with `mode_masses[b] = (1 - BIMODAL_MASSES[b], BIMODAL_MASSES[b])`.
   """
   params, y = _table(_BIMODAL, num_blocks)
-  rotation = None if rotation_seed is None else _rotation(num_blocks, rotation_seed)
-  name = "bimodal_blocks" if rotation is None else "rotated_bimodal_blocks"
+  name, rotation, latent = _rotations("bimodal_blocks", len(y), rotation_seed,
+                                      latent_rotation_seed)
   return BlockProblem(name, params, _phaseless, y, ("gaussian", _BIMODAL_NOISE),
-                      mode_fn=_sign_modes, num_modes=2, rotation=rotation, grid_size=grid_size)
+                      mode_fn=_sign_modes, num_modes=2, rotation=rotation,
+                      latent_rotation=latent, grid_size=grid_size)
 
 
-def nonlinear_blocks(num_blocks=8, grid_size=512, rotation_seed=None):
+def nonlinear_blocks(num_blocks=8, grid_size=512, rotation_seed=None,
+                     latent_rotation_seed=None):
   """A cubic sensor `y_b = x_{b,1} + x_{b,2} + x_{b,1}^3 / 4 + N(0, 0.2^2)` per block.
 
   Through a bent, sheared, skewed prior: curved, skewed, unimodal posteriors.
@@ -859,15 +906,17 @@ def nonlinear_blocks(num_blocks=8, grid_size=512, rotation_seed=None):
     grid_size: grid points per axis and block.
     rotation_seed: optional non-negative int: view the problem through the random
       orthogonal `Q` of this seed (`rotated_nonlinear_blocks`).
+    latent_rotation_seed: optional non-negative int: start the prior's flow with the random
+      orthogonal `R` of this seed, `x = f(R z)` (`latent_rotated_nonlinear_blocks`).
 
   Returns:
     A `BlockProblem` (no modes).
   """
   params, y = _table(_NONLINEAR, num_blocks)
-  rotation = None if rotation_seed is None else _rotation(num_blocks, rotation_seed)
-  name = "nonlinear_blocks" if rotation is None else "rotated_nonlinear_blocks"
+  name, rotation, latent = _rotations("nonlinear_blocks", len(y), rotation_seed,
+                                      latent_rotation_seed)
   return BlockProblem(name, params, _cubic, y, ("gaussian", _NONLINEAR_NOISE),
-                      rotation=rotation, grid_size=grid_size)
+                      rotation=rotation, latent_rotation=latent, grid_size=grid_size)
 
 
 def rotated_bimodal_blocks(num_blocks=8, grid_size=512, seed=0):
@@ -878,6 +927,27 @@ def rotated_bimodal_blocks(num_blocks=8, grid_size=512, seed=0):
 def rotated_nonlinear_blocks(num_blocks=8, grid_size=512, seed=0):
   """`nonlinear_blocks` seen through a random orthogonal `Q` (seeded): `x = Q u`."""
   return nonlinear_blocks(num_blocks, grid_size, rotation_seed=seed)
+
+
+def latent_rotated_bimodal_blocks(num_blocks=8, grid_size=512, seed=0):
+  """`bimodal_blocks` with a random orthogonal `R` (seeded) first in the prior's flow.
+
+  `x = f(R z)`: the same `p(x)`, observation and exact posterior in `x` as
+  `bimodal_blocks`, but the latent posterior `p(z | y)` is not block-wise: the blocks'
+  latent posterior is bimodal along the axes `w_{b,1}` and standard normal along the
+  others (`x_{b,1} = loc_{b,1} + w_{b,1}`), so `p(z | y)` has its `2^B` modes along the
+  rotated axes `R^T e_{2b-1}` and no latent coordinate separates them.
+  """
+  return bimodal_blocks(num_blocks, grid_size, latent_rotation_seed=seed)
+
+
+def latent_rotated_nonlinear_blocks(num_blocks=8, grid_size=512, seed=0):
+  """`nonlinear_blocks` with a random orthogonal `R` (seeded) first in the prior's flow.
+
+  `x = f(R z)`: the same `p(x)` and exact posterior in `x` as `nonlinear_blocks`; the latent
+  posterior `p(z | y)` mixes all blocks.
+  """
+  return nonlinear_blocks(num_blocks, grid_size, latent_rotation_seed=seed)
 
 
 def linear_gaussian(dim=64, num_obs=None, noise=0.1, min_scale=1e-2, max_scale=1e1, seed=0):
@@ -929,6 +999,8 @@ PROBLEMS = {
     "nonlinear_blocks": nonlinear_blocks,
     "rotated_bimodal_blocks": rotated_bimodal_blocks,
     "rotated_nonlinear_blocks": rotated_nonlinear_blocks,
+    "latent_rotated_bimodal_blocks": latent_rotated_bimodal_blocks,
+    "latent_rotated_nonlinear_blocks": latent_rotated_nonlinear_blocks,
     "linear_gaussian_64": linear_gaussian_64,
 }
 
