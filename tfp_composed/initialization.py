@@ -27,6 +27,7 @@ and `fit_laplace_scales` rescales its variance inside and outside the span of `V
 """
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -41,6 +42,9 @@ _NEWTON_MAX_DIM = 16
 # Above this many latent dimensions `find_modes` uses fewer starts and one Hessian per mode
 # (each Hessian costs `size` Hessian-vector products).
 _LARGE_DIM = 256
+# Ascent end points kept for checks: target values within this many nats of the best (a mode
+# lower by more holds under about 1e-3 of the best one's mass at equal width).
+_ASCENT_NATS = 7.
 
 
 @dataclasses.dataclass
@@ -52,11 +56,15 @@ class ModeMixture:
     covariances: `[M, D, D]` Laplace covariances (shrunk where that raises their ELBO).
     log_weights: `[M]` normalized log mixture weights (log evidence of each mode).
     values: `[M]` target values at the modes.
+    ascents: `[N, D]` every start's end point whose target value is within `_ASCENT_NATS`
+      (7) of the best, duplicates of a mode included (None when not recorded): local maxima
+      that `fit`'s importance check tests `q` against.
   """
   locs: np.ndarray
   covariances: np.ndarray
   log_weights: np.ndarray
   values: np.ndarray
+  ascents: Optional[np.ndarray] = None
 
   @property
   def num_modes(self):
@@ -142,11 +150,13 @@ def find_modes(target, num_components, seed=0, num_starts=None, num_steps=500):
   # Modes below 1e-3 of the best weight are dropped: they would only add noise.
   selected = [entry for entry in selected if entry[3] > best - 7.]
   log_w = np.array([entry[3] for entry in selected])
+  near_best = finite & (values >= np.max(values[finite]) - _ASCENT_NATS)
   return ModeMixture(
       locs=np.stack([entry[0] for entry in selected]),
       covariances=np.stack([entry[2] for entry in selected]),
       log_weights=log_w - np.logaddexp.reduce(log_w),
-      values=np.array([entry[1] for entry in selected]))
+      values=np.array([entry[1] for entry in selected]),
+      ascents=modes[near_best])
 
 
 def _row_gradients(target, z):
