@@ -43,6 +43,12 @@ SETTINGS = {
     "map_only": ("MAP shift, unit scale, default steps", "map_shift", {}),
     "laplace_dense": ("multi-start dense Laplace start (initialize), default steps",
                       "laplace", {}),
+    "lr5e-4": ("fit() defaults, learning_rate=5e-4", "map", {"learning_rate": 5e-4}),
+    "lr3e-3": ("fit() defaults, learning_rate=3e-3", "map", {"learning_rate": 3e-3}),
+    "batch8": ("fit() defaults' start, 2560 steps of 8", "map",
+               {"num_steps": 2560, "batch_size": 8}),
+    "prior_1540": ("prior start, 1540 steps of 16 (the defaults' CPU budget without a start)",
+                   None, {"num_steps": 1540, "batch_size": 16}),
 }
 
 _SETTINGS = flags.DEFINE_list("settings", ["defaults", "prior_3000"],
@@ -52,6 +58,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the fits.")
 _OUTPUT = flags.DEFINE_string("output", "results/image_defaults.jsonl",
                               "JSON-lines file the rows are appended to.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+_NOTE = flags.DEFINE_string("note", None, "Footnote of the rows of this run in the table.")
 
 _ELBO_SEEDS = (101, 102, 103, 104)
 
@@ -134,8 +141,9 @@ def write_table(rows, path):
   for r in rows:
     mark = ""
     if r.get("note"):
-      notes.append(r["note"])
-      mark = f" [{len(notes)}]"
+      if r["note"] not in notes:  # Rows of one run share their footnote.
+        notes.append(r["note"])
+      mark = f" [{notes.index(r['note']) + 1}]"
     lines.append(
         f"| {r['setting']}{mark} | {r['index']} | {r['num_steps']} | "
         f"{r['init_wall']:.0f} / {r['init_cpu']:.0f} | {r['train_wall']:.0f} / "
@@ -157,6 +165,8 @@ def main(argv):
   for index in _INDICES.value:
     for name in _SETTINGS.value:
       row = run_setting(name, int(index), seed=_SEED.value, data_dir=_DATA_DIR.value)
+      if _NOTE.value:
+        row["note"] = _NOTE.value
       print(json.dumps(row), flush=True)
       with open(_OUTPUT.value, "a") as f:
         f.write(json.dumps(row) + "\n")
