@@ -30,7 +30,8 @@ import tensorflow as tf
 
 import tfp_composed as tfc
 
-# name: (description, init: "map" | "laplace" | None, fit kwargs beyond the defaults)
+# name: (description, init: "map" | "map_100" | "map_scaled" | "map_shift" | "laplace" | None,
+#        fit kwargs beyond the defaults)
 SETTINGS = {
     "defaults": ("fit() defaults (MAP + low-rank Laplace start)", "map", {}),
     "map_laplace_scaled": ("MAP + low-rank Laplace, variances rescaled by ELBO",
@@ -49,6 +50,8 @@ SETTINGS = {
                {"num_steps": 2560, "batch_size": 8}),
     "prior_1540": ("prior start, 1540 steps of 16 (the defaults' CPU budget without a start)",
                    None, {"num_steps": 1540, "batch_size": 16}),
+    "steps1410": ("fit() defaults, 1410 steps", "map", {"num_steps": 1410}),
+    "map_iterations100": ("fit() defaults, 100 L-BFGS iterations", "map_100", {}),
 }
 
 _SETTINGS = flags.DEFINE_list("settings", ["defaults", "prior_3000"],
@@ -101,6 +104,8 @@ def run_setting(name, index, seed=0, data_dir=None):
   w0, c0 = _clock()
   if init == "map":
     posterior.initialize_map(seed=seed)
+  elif init == "map_100":
+    posterior.initialize_map(seed=seed, max_iterations=100)
   elif init == "map_scaled":
     posterior.initialize_map(seed=seed, fit_scales=True)
   elif init == "map_shift":
