@@ -30,7 +30,8 @@ import tensorflow as tf
 
 import tfp_composed as tfc
 
-# name: (description, init: "map" | "laplace" | None, fit kwargs beyond the defaults)
+# name: (description, init: "map" | "map_100" | "map_scaled" | "map_shift" | "laplace" | None,
+#        fit kwargs beyond the defaults)
 SETTINGS = {
     "defaults": ("fit() defaults (MAP + low-rank Laplace start)", "map", {}),
     "map_laplace_scaled": ("MAP + low-rank Laplace, variances rescaled by ELBO",
@@ -43,6 +44,14 @@ SETTINGS = {
     "map_only": ("MAP shift, unit scale, default steps", "map_shift", {}),
     "laplace_dense": ("multi-start dense Laplace start (initialize), default steps",
                       "laplace", {}),
+    "lr5e-4": ("fit() defaults, learning_rate=5e-4", "map", {"learning_rate": 5e-4}),
+    "lr3e-3": ("fit() defaults, learning_rate=3e-3", "map", {"learning_rate": 3e-3}),
+    "batch8": ("fit() defaults' start, 2560 steps of 8", "map",
+               {"num_steps": 2560, "batch_size": 8}),
+    "prior_1540": ("prior start, 1540 steps of 16 (the defaults' CPU budget without a start)",
+                   None, {"num_steps": 1540, "batch_size": 16}),
+    "steps1410": ("fit() defaults, 1410 steps", "map", {"num_steps": 1410}),
+    "map_iterations100": ("fit() defaults, 100 L-BFGS iterations", "map_100", {}),
 }
 
 _SETTINGS = flags.DEFINE_list("settings", ["defaults", "prior_3000"],
@@ -52,6 +61,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the fits.")
 _OUTPUT = flags.DEFINE_string("output", "results/image_defaults.jsonl",
                               "JSON-lines file the rows are appended to.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+_NOTE = flags.DEFINE_string("note", None, "Footnote of the rows of this run in the table.")
 
 _ELBO_SEEDS = (101, 102, 103, 104)
 
@@ -94,6 +104,8 @@ def run_setting(name, index, seed=0, data_dir=None):
   w0, c0 = _clock()
   if init == "map":
     posterior.initialize_map(seed=seed)
+  elif init == "map_100":
+    posterior.initialize_map(seed=seed, max_iterations=100)
   elif init == "map_scaled":
     posterior.initialize_map(seed=seed, fit_scales=True)
   elif init == "map_shift":
@@ -134,8 +146,9 @@ def write_table(rows, path):
   for r in rows:
     mark = ""
     if r.get("note"):
-      notes.append(r["note"])
-      mark = f" [{len(notes)}]"
+      if r["note"] not in notes:  # Rows of one run share their footnote.
+        notes.append(r["note"])
+      mark = f" [{notes.index(r['note']) + 1}]"
     lines.append(
         f"| {r['setting']}{mark} | {r['index']} | {r['num_steps']} | "
         f"{r['init_wall']:.0f} / {r['init_cpu']:.0f} | {r['train_wall']:.0f} / "
@@ -157,6 +170,8 @@ def main(argv):
   for index in _INDICES.value:
     for name in _SETTINGS.value:
       row = run_setting(name, int(index), seed=_SEED.value, data_dir=_DATA_DIR.value)
+      if _NOTE.value:
+        row["note"] = _NOTE.value
       print(json.dumps(row), flush=True)
       with open(_OUTPUT.value, "a") as f:
         f.write(json.dumps(row) + "\n")
