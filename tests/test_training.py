@@ -441,3 +441,17 @@ def test_bad_time_limit(value):
   w, loss = _noisy_quadratic()
   with pytest.raises((ValueError, TypeError), match="`time_limit`"):
     tfc.training.fit(loss, [w], num_steps=5, time_limit=value)
+
+
+def test_a_mode_search_past_its_share_of_the_time_limit_starts_at_the_prior():
+  # A search that cannot finish in its share (here: a deadline already passed) is abandoned:
+  # q starts at the prior and anneals from it, as for several modes.
+  posterior = _posterior()
+  posterior.initialize(seed=0, deadline=0.)
+  assert posterior.modes_found is None and posterior.start_modes is None
+  assert bool(posterior._from_prior.numpy())  # pylint: disable=protected-access
+  with pytest.raises(tfc.initialization.SearchTimeout):
+    tfc.initialization.find_modes(posterior.target, 2, deadline=0.)
+  history = posterior.fit(num_steps=40, seed=0, verbose=0, init=None, check_weights=False,
+                          convergence=None)
+  assert history.history["likelihood_weight"][0] < 0.01  # Annealed from the prior.

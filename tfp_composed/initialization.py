@@ -27,6 +27,7 @@ and `fit_laplace_scales` rescales its variance inside and outside the span of `V
 """
 
 import dataclasses
+import time
 from typing import Optional
 
 import numpy as np
@@ -80,7 +81,16 @@ class ModeMixture:
     return mean, 0.5 * (covariance + covariance.T)
 
 
-def find_modes(target, num_components, seed=0, num_starts=None, num_steps=500):
+class SearchTimeout(RuntimeError):
+  """`find_modes` passed its `deadline` before the search finished."""
+
+
+def _check_deadline(deadline, phase):
+  if deadline is not None and time.perf_counter() > deadline:
+    raise SearchTimeout(f"The mode search passed its deadline {phase}.")
+
+
+def find_modes(target, num_components, seed=0, num_starts=None, num_steps=500, deadline=None):
   """Multi-start mode search with Laplace approximations at the distinct modes.
 
   1. `num_starts` points (default `max(16, 4 K)`, `2 K` above 256 latent dimensions) drawn
@@ -98,6 +108,8 @@ def find_modes(target, num_components, seed=0, num_starts=None, num_steps=500):
     seed: int seed.
     num_starts: number of starting points.
     num_steps: Adam steps of the ascent.
+    deadline: optional `time.perf_counter()` time; the search raises `SearchTimeout` when it
+      finds itself past it between phases (ascent, Newton steps, each mode's Laplace fit).
 
   Returns:
     A `ModeMixture`.
@@ -117,8 +129,10 @@ def find_modes(target, num_components, seed=0, num_starts=None, num_steps=500):
   min_precision = 0.5 / float(np.mean(np.var(draws.numpy().astype(np.float64), axis=0)))
   modes, values = _ascend(flat_target, starts, num_steps)
   modes, values = modes.numpy().astype(np.float64), values.numpy().astype(np.float64)
+  _check_deadline(deadline, "after the ascent")
   if size <= _NEWTON_MAX_DIM:  # Ridges and stiff directions: curvature-aware ascent.
     modes, values = _newton_ascent(flat_target, modes, values, dtype, min_precision)
+    _check_deadline(deadline, "after the Newton steps")
   finite = np.isfinite(values) & np.all(np.isfinite(modes), axis=-1)
   if not finite.any():
     raise FloatingPointError(
@@ -133,6 +147,7 @@ def find_modes(target, num_components, seed=0, num_starts=None, num_steps=500):
     mu = modes[i]
     if any(_same_basin(flat_target, mu, values[i], m, v, dtype) for m, v, _, _ in selected):
       continue
+    _check_deadline(deadline, f"at mode {len(selected) + 1}")
     mu, value, _, covariance, _ = _laplace(
         flat_target, derivatives, mu, float(values[i]), dtype, min_precision,
         newton_steps=0 if large else 3)

@@ -21,6 +21,7 @@ so fitting `g` needs forward passes of `f` only: never `f^{-1}` nor `f`'s log-de
      https://arxiv.org/abs/2002.11743
 """
 
+import time
 import warnings
 
 import numpy as np
@@ -41,6 +42,8 @@ __all__ = ["BatchIndexError", "ComposedPosterior", "NegativeElbo", "condition", 
 _BASES = ("factorized", "mixture", "normal")
 # `importance_check`: largest log-weight at a start mode above q's largest draw, nats.
 MAX_MODE_GAP = 5.
+# Share of `fit(time_limit=...)` the mode search may take before `q` starts at the prior.
+_START_SHARE = 0.25
 # Share of `fit(time_limit=...)` kept for the importance check after training.
 _CHECK_SHARE = 0.05
 # First likelihood weight of the geometric annealing schedule.
@@ -552,7 +555,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
 
   # ---------------------------------------------------------------- initialization
 
-  def initialize(self, num_starts=None, seed=0, num_steps=500):
+  def initialize(self, num_starts=None, seed=0, num_steps=500, deadline=None):
     """Multi-start Laplace start: locates the latent posterior's modes and fits `q` to them.
 
     `tfc.initialization.find_modes` finds distinct modes with Laplace approximations
@@ -568,23 +571,37 @@ class ComposedPosterior(tfd.TransformedDistribution):
 
     For a unimodal posterior this is the exact posterior of a linear-Gaussian problem.
     Sets `modes_found` (1 for one mode) and returns `self`.
+
+    `deadline` (a `time.perf_counter()` time; factorized base only; `fit(time_limit=...)`
+    gives the start `_START_SHARE` of its limit): a search still running past it is
+    abandoned and `q` starts at the prior, as for several modes (`modes_found` None).
     """
     dtype = self.dtype
     size = self._latent_size
     factorized = self._base_kind == "factorized"
     k_max = 2 if factorized else self._num_components
-    found = initialization.find_modes(self._target, k_max, seed=seed, num_starts=num_starts,
-                                      num_steps=num_steps)
+    try:
+      found = initialization.find_modes(self._target, k_max, seed=seed, num_starts=num_starts,
+                                        num_steps=num_steps,
+                                        deadline=deadline if factorized else None)
+    except initialization.SearchTimeout:
+      found = None
+    if found is None:  # Out of time: the prior covers every mode; `fit` anneals from it.
+      self._reset_factorized_base()
+      stage = pregenerators_lib.find_affine_stage(self._pregenerator)
+      if stage is not None:
+        stage.set_gaussian(np.zeros([size]), np.eye(size))
+      self._from_prior.assign(True)
+      self._initialized.assign(True)
+      self.modes_found = None
+      self.start_modes = None
+      return self
     num_modes = found.num_modes
     points = found.locs if found.ascents is None else np.concatenate([found.locs, found.ascents])
     self.start_modes = points.reshape((-1,) + tuple(self.latent_event_shape))
     stage = pregenerators_lib.find_affine_stage(self._pregenerator)
     if factorized:
-      locs, scale = _factorized_start(self._num_components)
-      self._mixture_logits.assign(tf.zeros_like(self._mixture_logits))
-      self._component_locs.assign(tf.constant(np.tile(locs, [size, 1]), dtype))
-      self._component_scales.assign(tf.fill([size, self._num_components],
-                                            tf.constant(scale, dtype)))
+      self._reset_factorized_base()
       if stage is not None:
         if num_modes == 1:
           stage.set_gaussian(found.locs[0], found.covariances[0])
@@ -628,6 +645,14 @@ class ComposedPosterior(tfd.TransformedDistribution):
     self._initialized.assign(True)
     self.modes_found = num_modes
     return self
+
+  def _reset_factorized_base(self):
+    """The factorized base back at its near-standard-normal start."""
+    locs, scale = _factorized_start(self._num_components)
+    self._mixture_logits.assign(tf.zeros_like(self._mixture_logits))
+    self._component_locs.assign(tf.constant(np.tile(locs, [self._latent_size, 1]), self.dtype))
+    self._component_scales.assign(tf.fill([self._latent_size, self._num_components],
+                                          tf.constant(scale, self.dtype)))
 
   def initialize_map(self, num_starts=_LARGE_MAP_STARTS, seed=0,
                      max_iterations=_LARGE_MAP_ITERATIONS, rank=_LARGE_LAPLACE_RANK,
@@ -736,8 +761,10 @@ class ComposedPosterior(tfd.TransformedDistribution):
       time_limit: optional seconds for the whole call (start, training and the importance
         check): after the start, the steps that fit the time left are planned from the
         measured step time (at most `num_steps`), and the annealing and learning-rate
-        schedules are laid over the planned steps, so they finish in time. The start itself
-        is not interrupted; `check_weights` is given `_CHECK_SHARE` (5%) of the limit.
+        schedules are laid over the planned steps, so they finish in time. The mode search
+        may take `_START_SHARE` (25%) of the limit, past which `q` starts at the prior (and
+        anneals); the L-BFGS start of large latents is not cut. `check_weights` is given
+        `_CHECK_SHARE` (5%) of the limit.
       **kwargs: further options of `training.fit` (`steps_per_execution`,
         `checkpoint_every`, `max_bad_steps`, `clip_norm`, `steps_per_epoch`, `convergence`).
 
@@ -794,13 +821,19 @@ class ComposedPosterior(tfd.TransformedDistribution):
       if objective.annealed:
         objective.anneal_steps = max(1, round(anneal_steps * planned_steps / num_steps))
 
+    # Under a time limit the mode search may take `_START_SHARE` of it (then q starts at
+    # the prior); the L-BFGS start of large latents is one call and is not cut.
+    start_deadline = (None if time_limit is None
+                      else time.perf_counter() + _START_SHARE * time_limit)
+    start_options = {} if large else {"deadline": start_deadline}
+
     def on_fresh_start():
       if init == "laplace":
-        self.initialize(seed=seed)
+        self.initialize(seed=seed, **start_options)
       elif init == "map":
         self.initialize_map(seed=seed)
       elif init == "auto" and not bool(self._initialized.numpy()):
-        auto_init(seed=seed)
+        auto_init(seed=seed, **start_options)
 
     def on_resume():
       if init == "laplace":
