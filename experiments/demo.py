@@ -96,7 +96,7 @@ def main(argv):
   summary = {
       "density": _DENSITY.value, "observed_x1": _OBSERVED.value, "noise": _NOISE.value,
       "prior_training_seconds": round(prior_seconds, 1), "fit_seconds": round(fit_seconds, 1),
-      "modes_found": int(getattr(posterior, "modes_found", 1)),
+      "modes_found": getattr(posterior, "modes_found", 1),
       "final_loss": float(np.mean(history.history["loss"][-100:])),
       "kl_q_to_exact_nats": round(kl, 4), "figure": _OUTPUT.value,
   }

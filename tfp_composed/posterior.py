@@ -221,6 +221,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
       parameters.update(pregenerator=pregenerator, _state=_state)
       self._initialized = _state["initialized"]
       self._from_prior = _state["from_prior"]
+      self.start_modes = None  # Local maxima of the latent target found by the start.
       self._base_kind = base
       self._mixture_logits = self._component_locs = self._component_scales = None
       if base == "factorized":
