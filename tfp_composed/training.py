@@ -718,7 +718,6 @@ def _fit_in_scope(runner, strategy, num_steps, learning_rate, seed, callbacks,
   open_epoch = None
   epoch_logs = collections.defaultdict(list)
   t0 = time.time()
-  t_call = plan.deadline - plan.time_limit if plan.deadline is not None else None
   try:
     while current < plan.steps and not model.stop_training:
       epoch = current // steps_per_epoch
@@ -792,8 +791,8 @@ def _fit_in_scope(runner, strategy, num_steps, learning_rate, seed, callbacks,
   history.planned_steps = plan.steps
   if plan.deadline is not None and plan.steps <= min(steps_per_execution, num_steps - 1):
     warnings.warn(
-        f"`time_limit` ({plan.deadline - t_call:g} s) left time for {plan.steps} of the "
-        f"{num_steps} steps: the start and tracing took {plan.first_burst_end - t_call:.1f} s. "
+        f"`time_limit` ({plan.time_limit:g} s) left time for {plan.steps} of the "
+        f"{num_steps} steps: the start and tracing took {plan.first_burst_end - plan.began:.1f} s. "
         "Give more time, or fewer `num_steps` to a start that is already done.", stacklevel=3)
   if convergence is not None:
     history.converged, history.convergence = convergence.converged, convergence.result
@@ -813,6 +812,7 @@ class _Plan:
   def __init__(self, num_steps, began, time_limit, on_horizon):
     self.num_steps = num_steps
     self.steps = num_steps
+    self.began = began
     self.time_limit = time_limit
     self.deadline = None if time_limit is None else began + time_limit
     self.first_burst_end = None
