@@ -60,6 +60,22 @@ def test_training_from_the_prior_finds_the_modes(bimodal):
   _check(_score(bimodal, posterior))
 
 
+def test_modes_along_turned_latent_axes_are_kept():
+  """4 bimodal blocks turned by a rotation of the latent (`x = f(R z)`): no latent coordinate
+  separates the 16 modes. The start's mode axes (`tfc.initialization.mode_axes`) turn the
+  base onto them, and every block keeps both modes with its mass (without the axes a block
+  keeps one mode: `test_diagnostics.py`, mode-mass error above 0.2)."""
+  problem = tfc.problems.latent_rotated_bimodal_blocks(num_blocks=4, grid_size=128)
+  posterior = tfc.ComposedPosterior(problem.prior, problem.likelihood, problem.observation)
+  posterior.fit(seed=0, verbose=0)
+  assert posterior.modes_found > 1
+  axes = tfc.pregenerators.find_affine_stage(posterior.pregenerator).axes.numpy()
+  turned = problem.latent_rotation.T[:, 0::2]  # The blocks' bimodal axes `R^T e_{2b-1}`.
+  np.testing.assert_array_less(0.99, np.abs(turned.T @ axes).max(axis=1))
+  assert "misses a mode" not in posterior.diagnosis["message"]
+  _check(_score(problem, posterior))
+
+
 def test_curved_nonlinear_blocks():
   problem = tfc.problems.get("nonlinear_blocks", num_blocks=2)
   posterior = tfc.ComposedPosterior(problem.prior, problem.likelihood, problem.observation)

@@ -305,3 +305,40 @@ def test_conv_needs_image_shape():
 def test_coupling_rejects_a_bad_permutation():
   with pytest.raises(ValueError, match=r"permutation of range\(3\)\. Got: \[0, 0, 1\]"):
     pregenerators.AffineCoupling(3, permutation=[0, 0, 1])
+
+
+@pytest.mark.parametrize("full_rank", [True, False])
+def test_stage_axes_turn_the_gaussian_and_keep_the_log_det(full_rank):
+  """`z = shift + V L u`: `V L (V L)^T` is the covariance set (full rank; diagonal: the
+  diagonal of `V^T C V` in the turned axes), the inverse undoes the forward pass, and the
+  log-det is `log|det V L| = log|det L|` (V orthogonal)."""
+  rng = np.random.RandomState(3)
+  size = 4
+  axes, _ = np.linalg.qr(rng.randn(size, size))
+  root = np.tril(rng.randn(size, size)) + 3 * np.eye(size)
+  cov = root @ root.T
+  stage = pregenerators.AffineStage(size, full_rank=full_rank, axes=True)
+  np.testing.assert_array_equal(stage.axes.numpy(), np.eye(size))  # The identity until set.
+  assert not stage.axes.trainable
+  assert all(v is not stage.axes for v in stage.trainable_variables)
+  stage.set_gaussian(np.arange(size), cov, axes=axes)
+  matrix = stage.matrix().numpy()
+  expected = cov if full_rank else axes @ np.diag(np.diag(axes.T @ cov @ axes)) @ axes.T
+  np.testing.assert_allclose(matrix @ matrix.T, expected, rtol=1e-4, atol=1e-4)
+  u = tf.constant(rng.randn(5, size), tf.float32)
+  z = stage.forward(u)
+  np.testing.assert_allclose(z, u.numpy() @ matrix.T + np.arange(size), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(stage.inverse(tf.identity(z)), u, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(stage.forward_log_det_jacobian(u, event_ndims=1),
+                             np.log(np.abs(np.linalg.det(matrix))), rtol=1e-4)
+
+
+def test_stage_axes_are_checked_at_the_door():
+  with pytest.raises(ValueError, match="built with `axes=True`"):
+    pregenerators.AffineStage(2).set_gaussian(np.zeros(2), np.eye(2), axes=np.eye(2))
+  stage = pregenerators.AffineStage(2, axes=True)
+  with pytest.raises(ValueError, match=r"orthogonal \[2, 2\] matrix, got shape \[2, 2\]"):
+    stage.set_gaussian(np.zeros(2), np.eye(2), axes=[[1., 1.], [0., 1.]])
+  with pytest.raises(ValueError, match=r"got shape \[3, 3\]"):
+    stage.set_gaussian(np.zeros(2), np.eye(2), axes=np.eye(3))
+  np.testing.assert_array_equal(stage.axes.numpy(), np.eye(2))  # Nothing was changed.

@@ -28,6 +28,7 @@ and `fit_laplace_scales` rescales its variance inside and outside the span of `V
 
 import dataclasses
 import time
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -37,7 +38,7 @@ import tensorflow_probability as tfp
 from tfp_composed import checks
 
 __all__ = ["LowRankLaplace", "ModeMixture", "find_map", "find_modes", "fit_laplace_scales",
-           "laplace_low_rank"]
+           "laplace_low_rank", "mode_axes"]
 
 _NEWTON_MAX_DIM = 16
 # Above this many latent dimensions `find_modes` uses fewer starts and one Hessian per mode
@@ -124,15 +125,8 @@ def find_modes(target, num_components, seed=0, num_starts=None, num_steps=500, d
                                            seed=tfp.random.sanitize_seed(seed))
   draws = tf.reshape(tf.cast(draws, dtype), [-1, size])
   starts = draws[:num_starts]
-  # No latent posterior is taken to be wider than the prior's base: curvature is floored at
-  # half the base's average precision (non-convex likelihoods can make it vanish).
-  min_precision = 0.5 / float(np.mean(np.var(draws.numpy().astype(np.float64), axis=0)))
-  modes, values = _ascend(flat_target, starts, num_steps)
-  modes, values = modes.numpy().astype(np.float64), values.numpy().astype(np.float64)
-  _check_deadline(deadline, "after the ascent")
-  if size <= _NEWTON_MAX_DIM:  # Ridges and stiff directions: curvature-aware ascent.
-    modes, values = _newton_ascent(flat_target, modes, values, dtype, min_precision)
-    _check_deadline(deadline, "after the Newton steps")
+  min_precision = _min_precision(draws)
+  modes, values = _climb(flat_target, starts, num_steps, min_precision, deadline)
   finite = np.isfinite(values) & np.all(np.isfinite(modes), axis=-1)
   if not finite.any():
     raise FloatingPointError(
@@ -172,6 +166,154 @@ def find_modes(target, num_components, seed=0, num_starts=None, num_steps=500, d
       log_weights=log_w - np.logaddexp.reduce(log_w),
       values=np.array([entry[1] for entry in selected]),
       ascents=modes[near_best])
+
+
+def _min_precision(draws):
+  """No latent posterior is taken to be wider than the prior's base: curvature is floored at
+  half the base's average precision (non-convex likelihoods can make it vanish)."""
+  return 0.5 / float(np.mean(np.var(draws.numpy().astype(np.float64), axis=0)))
+
+
+def _climb(flat_target, starts, num_steps, min_precision, deadline):
+  """Batched Adam ascent from the rows of `starts`, then damped Newton steps for up to 16
+  dimensions: (end points, target values), float64 NumPy."""
+  modes, values = _ascend(flat_target, starts, num_steps)
+  modes, values = modes.numpy().astype(np.float64), values.numpy().astype(np.float64)
+  _check_deadline(deadline, "after the ascent")
+  if starts.shape[-1] <= _NEWTON_MAX_DIM:  # Ridges and stiff directions: curvature-aware.
+    modes, values = _newton_ascent(flat_target, modes, values, starts.dtype, min_precision)
+    _check_deadline(deadline, "after the Newton steps")
+  return modes, values
+
+
+def mode_axes(target, found, num_starts=None, seed=0, num_steps=500, deadline=None):
+  """Orthonormal latent axes along which the local maxima of `target` differ independently.
+
+  A posterior whose modes are independent binary choices (a product of `B` bimodal factors
+  has `2^B` modes, `z = c + sum_b s_b d_b`, `s_b` in {0, 1}) is covered by a factorized base
+  only along axes that separate the choices: the factors' displacements `d_b`. Here
+  `num_starts` more points (default `8 D`) climb the target as in `find_modes`; of their end
+  points within `_ASCENT_NATS` of the best (with `found.ascents`), the distinct ones are
+  differenced pairwise, and the differences that recur (up to sign, to within 5% of the
+  spread's smallest standard deviation) are the displacements: flipping one choice moves
+  every mode by the same `d_b`, while a pair of modes differing in several choices is rarer
+  than the pairs differing in one. Taken most frequent first, each one that adds a new
+  direction (over half its length outside the span of those kept) is kept, up to the rank
+  of the end points' spread (directions holding over 1% of the largest variance).
+
+  The result `V` is the orthogonal matrix closest to the identity that has the
+  (orthonormalized) displacements as columns: each takes the coordinate axis it is most
+  aligned with, and the other columns span the complement as near to their axes as they can.
+  `V` is None (keep the identity) when no difference recurs or when every displacement is
+  already within cosine 0.9 of its axis.
+
+  Args:
+    target: a `tfc.targets.LatentTarget`.
+    found: the `ModeMixture` of `find_modes` on `target`.
+    num_starts: further starting points (default `8 D`).
+    seed: int seed (the starts differ from `find_modes`' at the same seed).
+    num_steps: Adam steps of the ascent.
+    deadline: optional `time.perf_counter()` time, as in `find_modes`.
+
+  Returns:
+    `(V or None, points)`: `V` `[D, D]` and the end points used, `[N, D]`.
+  """
+  size = target.latent_size
+  if num_starts is None:
+    num_starts = 8 * size
+  draws = target.prior.distribution.sample(max(256, num_starts),
+                                           seed=tfp.random.sanitize_seed(seed + 1))
+  draws = tf.reshape(tf.cast(draws, target.dtype), [-1, size])
+  ends, values = _climb(target.flat_log_prob, draws[:num_starts], num_steps,
+                        _min_precision(draws), deadline)
+  finite = np.isfinite(values) & np.all(np.isfinite(ends), axis=-1)
+  best = max(np.max(values[finite], initial=-np.inf), float(np.max(found.values)))
+  points = ends[finite & (values >= best - _ASCENT_NATS)]
+  if found.ascents is not None:
+    points = np.concatenate([found.ascents, points])
+  displacements = _recurring_differences(points)
+  if displacements is None:
+    return None, points
+  return _complete_near_identity(displacements), points
+
+
+def _recurring_differences(points, min_count=2, max_points=256):
+  """Unit displacements `[D, r]` between end points that recur (see `mode_axes`), or None."""
+  from scipy import spatial  # pylint: disable=g-import-not-at-top
+
+  count = points.shape[0]
+  if count < 3:
+    return None
+  spread = np.linalg.svd(points - points.mean(axis=0), compute_uv=False)**2 / count
+  if spread[0] <= 0:
+    return None
+  rank = int(np.sum(spread > 1e-2 * spread[0]))
+  tol = 0.05 * np.sqrt(spread[rank - 1])
+  distinct = []  # Greedy: a point within `tol` of a kept one is the same mode.
+  for point in points:
+    if not distinct or np.min(np.linalg.norm(np.stack(distinct) - point, axis=-1)) > tol:
+      distinct.append(point)
+    if len(distinct) == max_points:
+      break
+  distinct = np.stack(distinct)
+  i, j = np.triu_indices(distinct.shape[0], k=1)
+  diffs = distinct[j] - distinct[i]
+  lead = np.argmax(np.abs(diffs), axis=-1)
+  diffs *= np.sign(diffs[np.arange(diffs.shape[0]), lead])[:, None]  # One sign per line.
+  tree = spatial.cKDTree(diffs)
+  counts = tree.query_ball_point(diffs, r=tol, return_length=True)
+  norms = np.linalg.norm(diffs, axis=-1)
+  kept = []
+  for k in np.lexsort((norms, -counts)):  # Most frequent, then shortest, first.
+    if counts[k] < min_count:
+      break
+    unit = np.mean(diffs[tree.query_ball_point(diffs[k], r=tol)], axis=0)
+    unit /= np.linalg.norm(unit)
+    if kept:
+      basis = _closest_orthogonal(np.stack(kept, axis=-1))
+      if np.linalg.norm(unit - basis @ (basis.T @ unit)) < 0.5:
+        continue
+    kept.append(unit)
+    if len(kept) == rank:
+      break
+  return np.stack(kept, axis=-1) if kept else None
+
+
+def _closest_orthogonal(matrix):
+  """The matrix with orthonormal columns closest to `matrix` (polar factor)."""
+  u, _, vt = np.linalg.svd(matrix, full_matrices=False)
+  return u @ vt
+
+
+def _complete_near_identity(axes, min_cosine=0.9):
+  """An orthogonal `[D, D]` holding the orthonormalized columns of `axes` `[D, r]`, nearest
+  the identity.
+
+  Column `i` of `axes` (orthonormalized, sign flipped to agree) goes to the coordinate it loads on most
+  (greedily, largest first); the remaining coordinates get the orthonormal basis of the
+  complement closest to their unit vectors. None when every column of `axes` is within
+  `min_cosine` of its coordinate axis: the identity already separates them.
+  """
+  axes = _closest_orthogonal(axes)
+  size, rank = axes.shape
+  loads = np.abs(axes)
+  slot = np.full(rank, -1)
+  free = np.ones(size, bool)
+  for flat in np.argsort(-loads, axis=None):
+    d, i = divmod(int(flat), rank)
+    if slot[i] < 0 and free[d]:
+      slot[i], free[d] = d, False
+  cosines = loads[slot, np.arange(rank)]
+  if np.all(cosines >= min_cosine):
+    return None
+  rotation = np.zeros([size, size])
+  rotation[:, slot] = axes * np.sign(axes[slot, np.arange(rank)])
+  rest = np.flatnonzero(free)
+  if rest.size:
+    eigvals, eigvecs = np.linalg.eigh(np.eye(size) - axes @ axes.T)
+    complement = eigvecs[:, eigvals > 0.5]  # The projector's unit eigenvalues.
+    rotation[:, rest] = complement @ _closest_orthogonal(complement[rest].T)
+  return rotation
 
 
 def _row_gradients(target, z):

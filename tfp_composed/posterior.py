@@ -56,6 +56,10 @@ _DEFAULT_COMPONENTS = {"factorized": 4, "mixture": 8, "normal": 1}
 # Base-mixture components are full-covariance Gaussians up to this latent dimension and
 # diagonal (in the affine stage's whitened coordinates) above it.
 _FULL_COMPONENT_MAX_DIM = 64
+# Up to this latent dimension the default pre-generator's affine stage has axes that the
+# start turns onto the directions separating the modes it found (`mode_axes`: 8 D more
+# ascents, run only when the search finds several modes).
+_MODE_AXES_MAX_DIM = 64
 
 # ---- Large latents (images): defaults of `fit` above this many latent dimensions. ----------
 # Measured on the shipped MNIST Glow prior (784 dimensions; `experiments/image_defaults.py`,
@@ -568,7 +572,12 @@ class ComposedPosterior(tfd.TransformedDistribution):
     * Factorized base: the search stops at the second distinct mode. With one mode the
       affine stage takes its Laplace Gaussian (`z = mu + L eps`, `L L^T = Sigma`) and the
       base restarts at its near-standard-normal start; with several modes `q` is reset to
-      the prior (identity `g`), which covers every mode, for `fit` to anneal from.
+      the prior (identity `g`), which covers every mode, for `fit` to anneal from. A stage
+      with axes (the default pre-generator's, up to `_MODE_AXES_MAX_DIM` = 64 dimensions)
+      then has them turned onto the directions that separate the modes
+      (`tfc.initialization.mode_axes`: `8 D` more ascents; the prior is isotropic, so `q`
+      still starts at it), so that the factorized base can hold modes that no latent
+      coordinate separates (measured in `results/mode_coverage.md`).
 
     For a unimodal posterior this is the exact posterior of a linear-Gaussian problem.
     Sets `modes_found` (1 for one mode) and returns `self`.
@@ -591,7 +600,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
       self._reset_factorized_base()
       stage = pregenerators_lib.find_affine_stage(self._pregenerator)
       if stage is not None:
-        stage.set_gaussian(np.zeros([size]), np.eye(size))
+        _set_stage(stage, np.zeros([size]), np.eye(size))
       self._from_prior.assign(True)
       self._initialized.assign(True)
       self.modes_found = None
@@ -605,9 +614,18 @@ class ComposedPosterior(tfd.TransformedDistribution):
       self._reset_factorized_base()
       if stage is not None:
         if num_modes == 1:
-          stage.set_gaussian(found.locs[0], found.covariances[0])
-        else:
-          stage.set_gaussian(np.zeros([size]), np.eye(size))
+          _set_stage(stage, found.locs[0], found.covariances[0])
+        else:  # The prior (any axes: it is isotropic), its axes along the modes' choices.
+          axes = None
+          if stage.axes is not None:
+            try:
+              axes, points = initialization.mode_axes(self._target, found, seed=seed,
+                                                      num_steps=num_steps, deadline=deadline)
+              self.start_modes = np.concatenate([found.locs, points]).reshape(
+                  (-1,) + tuple(self.latent_event_shape))
+            except initialization.SearchTimeout:
+              pass
+          _set_stage(stage, np.zeros([size]), np.eye(size), axes)
       self._from_prior.assign(num_modes > 1)
       self._initialized.assign(True)
       self.modes_found = num_modes
@@ -624,8 +642,8 @@ class ComposedPosterior(tfd.TransformedDistribution):
     mus, covs = mixture.locs, mixture.covariances
 
     if stage is not None:
-      stage.set_gaussian(mean, covariance)
-      linear = stage.scale_operator().to_dense().numpy()
+      _set_stage(stage, mean, covariance)
+      linear = stage.matrix().numpy()
     else:
       linear = np.eye(size)
       mean = np.zeros([size])
@@ -682,8 +700,10 @@ class ComposedPosterior(tfd.TransformedDistribution):
       warnings.warn("The pre-generator has no affine stage: `initialize_map` changes nothing.",
                     stacklevel=2)
     elif stage.full_rank:
-      stage.set_gaussian(laplace.loc, laplace.covariance())
+      _set_stage(stage, laplace.loc, laplace.covariance())
     else:  # Only the diagonal: no dense [D, D] matrix.
+      if stage.axes is not None:
+        stage.axes.assign(tf.eye(stage.size, dtype=stage.dtype))
       stage.shift.assign(tf.cast(laplace.loc, stage.dtype))
       stage.scale_diag.assign(tf.cast(np.sqrt(laplace.variance()), stage.dtype))
     self._from_prior.assign(False)
@@ -1057,14 +1077,22 @@ def _factorized_start(num_components):
   return locs, float(np.sqrt(0.7))
 
 
+def _set_stage(stage, mean, covariance, axes=None):
+  """`stage.set_gaussian`; a stage with axes gets `axes` (None: the identity)."""
+  if stage.axes is not None and axes is None:
+    axes = np.eye(stage.size)
+  stage.set_gaussian(mean, covariance, axes=axes)
+
+
 def _default_pregenerator(latent_shape, dtype):
-  """RealNVP on flat latents; convolutional couplings for large image-shaped latents."""
+  """RealNVP on flat latents (with mode axes up to `_MODE_AXES_MAX_DIM` dimensions);
+  convolutional couplings for large image-shaped latents."""
   size = _num_elements(latent_shape)
   if latent_shape.rank == 3 and size > 1024:
     return pregenerators_lib.conv(latent_shape, dtype=dtype)
   hidden = int(min(256, max(64, 4 * size)))
   return pregenerators_lib.real_nvp(latent_shape, num_layers=4, hidden_units=(hidden, hidden),
-                                    dtype=dtype)
+                                    dtype=dtype, axes=size <= _MODE_AXES_MAX_DIM)
 
 
 def condition(prior, likelihood, observation, pregenerator=None, num_components=None,

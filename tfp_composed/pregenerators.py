@@ -167,6 +167,11 @@ class AffineStage(_OnePassBijector):
   `set_gaussian(mean, covariance)` makes `z` distributed as `N(mean, covariance)` when
   `u ~ N(0, I)`; `scale_operator()` returns `L` as a `tf.linalg.LinearOperator`.
 
+  With `axes=True` the stage also holds fixed (non-trainable) orthogonal axes `V`, identity
+  until `set_gaussian(..., axes=V)`: `z = shift + V L u` (same log-det). `fit`'s start sets
+  them to the axes that separate the posterior's modes (`tfc.initialization.mode_axes`), so
+  that a factorized base can cover modes that no latent coordinate separates.
+
   #### Examples
 
   ```python
@@ -177,7 +182,7 @@ class AffineStage(_OnePassBijector):
   ```
   """
 
-  def __init__(self, size, full_rank=True, dtype=tf.float32, validate_args=False,
+  def __init__(self, size, full_rank=True, axes=False, dtype=tf.float32, validate_args=False,
                name="affine_stage"):
     parameters = dict(locals())
     if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
@@ -195,6 +200,8 @@ class AffineStage(_OnePassBijector):
       else:
         self.scale_diag = tfp.util.TransformedVariable(
             tf.ones([size], dtype), tfb.Exp(), name="scale_diag")
+      self.axes = (tf.Variable(tf.eye(size, dtype=dtype), trainable=False, name="axes")
+                   if axes else None)
       super().__init__(
           forward_min_event_ndims=1, dtype=dtype, validate_args=validate_args,
           parameters=parameters, name=name)
@@ -217,18 +224,43 @@ class AffineStage(_OnePassBijector):
 
   _linear = scale_operator  # Former name, kept for callers not yet moved to `scale_operator`.
 
+  def matrix(self):
+    """The dense `[D, D]` linear part `V L` of `z = shift + V L u` (`L` without axes)."""
+    scale = self.scale_operator().to_dense()
+    return scale if self.axes is None else tf.matmul(self.axes, scale)
+
   def _forward_and_log_det(self, u):
     scale = self.scale_operator()
-    return scale.matvec(u) + self.shift, scale.log_abs_determinant()
+    v = scale.matvec(u)
+    if self.axes is not None:
+      v = tf.linalg.matvec(self.axes, v)
+    return v + self.shift, scale.log_abs_determinant()
 
   def _inverse_and_log_det(self, z):
     scale = self.scale_operator()
-    return scale.solvevec(z - self.shift), -scale.log_abs_determinant()
+    v = z - self.shift
+    if self.axes is not None:
+      v = tf.linalg.matvec(self.axes, v, adjoint_a=True)
+    return scale.solvevec(v), -scale.log_abs_determinant()
 
-  def set_gaussian(self, mean, covariance):
-    """Sets `shift = mean` and `L L^T = covariance` (diagonal stage: `diag(covariance)`)."""
+  def set_gaussian(self, mean, covariance, axes=None):
+    """Sets `shift = mean` and `V L L^T V^T = covariance` (diagonal stage: the diagonal of
+    `V^T covariance V`); `axes` (orthogonal `[D, D]`; stages built with `axes=True`) first
+    replaces `V`."""
     mean = tf.convert_to_tensor(mean, self.dtype)
     covariance = tf.convert_to_tensor(covariance, self.dtype)
+    if axes is not None:
+      if self.axes is None:
+        raise ValueError("`axes` needs a stage built with `axes=True`.")
+      axes = np.asarray(axes, np.float64)
+      err = (float(np.abs(axes.T @ axes - np.eye(self._size)).max())
+             if axes.shape == (self._size, self._size) else np.inf)
+      if err > 1e-5:
+        raise ValueError(f"`axes` must be an orthogonal [{self._size}, {self._size}] matrix, "
+                         f"got shape {list(axes.shape)} (max |V^T V - I| = {err:.3g}).")
+      self.axes.assign(tf.cast(axes, self.dtype))
+    if self.axes is not None:
+      covariance = tf.matmul(self.axes, tf.matmul(covariance, self.axes), transpose_a=True)
     self.shift.assign(mean)
     if self._full_rank:
       self.scale_tril.assign(tf.linalg.cholesky(covariance))
@@ -524,9 +556,9 @@ def _permuted(bijector, size, seed):
                     tfb.Permute(perm)], name=f"permuted_{bijector.name}")
 
 
-def _affine_stage(size, full_rank, dtype):
+def _affine_stage(size, full_rank, dtype, axes=False):
   return AffineStage(size, full_rank=size <= 1024 if full_rank is None else full_rank,
-                     dtype=dtype)
+                     axes=axes, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------ builders
@@ -550,13 +582,15 @@ def affine(event_shape, full_rank=True, dtype=tf.float32, name="affine"):
 
 
 def real_nvp(event_shape, num_layers=4, hidden_units=(256, 256), affine_stage=True,
-             full_rank=None, activation="elu", seed=0, dtype=tf.float32, name="real_nvp"):
+             full_rank=None, activation="elu", seed=0, dtype=tf.float32, name="real_nvp",
+             axes=False):
   """RealNVP pre-generator: `num_layers` `AffineCoupling`s then an affine stage.
 
   Each coupling `y_B = x_B * exp(s(x_A)) + t(x_A)` conditions one half of a fixed random
   permutation of the coordinates on the other; `s, t` are MLPs with zero-initialized outputs,
   so the bijector starts at the identity. `full_rank=None` picks a full-rank affine stage for
-  up to 1024 latent dimensions and a diagonal one above.
+  up to 1024 latent dimensions and a diagonal one above; `axes=True` gives the stage fixed
+  orthogonal axes for `fit`'s start to set (see `AffineStage`).
 
   #### Examples
 
@@ -579,7 +613,7 @@ def real_nvp(event_shape, num_layers=4, hidden_units=(256, 256), affine_stage=Tr
           permutation=np.random.RandomState(seed + i).permutation(size),
           activation=activation, seed=1000 * (seed + i), dtype=dtype, name=f"coupling_{i}"))
   if affine_stage:
-    bijectors.append(_affine_stage(size, full_rank, dtype))
+    bijectors.append(_affine_stage(size, full_rank, dtype, axes=axes))
   return _flat(tfb.Chain(bijectors[::-1], name=name), shape, size, name)
 
 
