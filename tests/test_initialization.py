@@ -1,8 +1,11 @@
 """Mode axes (`tfc.initialization.mode_axes`): the directions that separate independent modes."""
 
+import time
+
 import numpy as np
 import pytest
 
+import tfp_composed as tfc
 from tfp_composed import initialization
 
 
@@ -50,3 +53,35 @@ def test_axis_aligned_factors_keep_the_identity():
 ])
 def test_no_recurring_difference_gives_no_axes(points):
   assert initialization._recurring_differences(points) is None  # pylint: disable=protected-access
+
+
+@pytest.fixture(scope="module")
+def turned_blocks():
+  return tfc.problems.latent_rotated_bimodal_blocks(num_blocks=2, grid_size=64)
+
+
+def _stage_axes(posterior):
+  return tfc.pregenerators.find_affine_stage(posterior.pregenerator).axes.numpy()
+
+
+def test_the_start_turns_the_axes_onto_the_modes(turned_blocks):
+  # 2 bimodal blocks along turned latent axes: the start finds several modes, and the
+  # stage's axes hold both blocks' bimodal axes `R^T e_{2b-1}` (cosine above 0.99).
+  posterior = tfc.ComposedPosterior(turned_blocks.prior, turned_blocks.likelihood,
+                                    turned_blocks.observation)
+  posterior.initialize(seed=0)
+  assert posterior.modes_found > 1
+  turned = turned_blocks.latent_rotation.T[:, 0::2]
+  np.testing.assert_array_less(0.99, np.abs(turned.T @ _stage_axes(posterior)).max(axis=1))
+  assert posterior.start_modes.shape[0] > 4 * 4  # The axes' ascents are checked too.
+
+
+def test_out_of_time_the_axes_stay_the_identity(turned_blocks, monkeypatch):
+  def late(*args, **kwargs):
+    raise initialization.SearchTimeout("late")
+  monkeypatch.setattr(initialization, "mode_axes", late)
+  posterior = tfc.ComposedPosterior(turned_blocks.prior, turned_blocks.likelihood,
+                                    turned_blocks.observation)
+  posterior.initialize(seed=0, deadline=time.perf_counter() + 600.)
+  assert posterior.modes_found > 1 and bool(posterior.initialized.numpy())
+  np.testing.assert_array_equal(_stage_axes(posterior), np.eye(4))

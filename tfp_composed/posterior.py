@@ -590,6 +590,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
     size = self._latent_size
     factorized = self._base_kind == "factorized"
     k_max = 2 if factorized else self._num_components
+    search_start = time.perf_counter()
     try:
       found = initialization.find_modes(self._target, k_max, seed=seed, num_starts=num_starts,
                                         num_steps=num_steps,
@@ -617,7 +618,11 @@ class ComposedPosterior(tfd.TransformedDistribution):
           _set_stage(stage, found.locs[0], found.covariances[0])
         else:  # The prior (any axes: it is isotropic), its axes along the modes' choices.
           axes = None
-          if stage.axes is not None:
+          # The axes' ascents cost about what the search did: under a deadline that would
+          # pass first, the axes stay the identity.
+          search_seconds = time.perf_counter() - search_start
+          if stage.axes is not None and (
+              deadline is None or time.perf_counter() + search_seconds < deadline):
             try:
               axes, points = initialization.mode_axes(self._target, found, seed=seed,
                                                       num_steps=num_steps, deadline=deadline)
