@@ -8,8 +8,10 @@ import math
 import numbers
 
 import numpy as np
+import tensorflow as tf
 
-__all__ = ["integer", "non_negative_integer", "positive_integer", "positive_number", "seed"]
+__all__ = ["integer", "non_negative_integer", "positive_integer", "positive_number", "seed",
+           "stateless_seed"]
 
 
 def integer(value, name, minimum=None):
@@ -53,3 +55,16 @@ def seed(value, name="seed"):
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
     raise TypeError(f"`{name}` must be an int, got {value!r}.")
   return int(value)
+
+
+def stateless_seed(seed, *salt):
+  """A shape-[2] int32 stateless seed from an int seed and integer salts (one per purpose).
+
+  The same arguments give the same seed in any process and at any call, unlike
+  `tfp.random.sanitize_seed(int)`, which draws it from a stateful op (a different seed at
+  each call in a process).
+  """
+  value = tf.constant([seed % 2**31, (seed // 2**31) % 2**31], tf.int32)
+  for s in salt:
+    value = tf.random.experimental.stateless_fold_in(value, s)
+  return value

@@ -110,7 +110,8 @@ def find_modes(target, num_components, seed=0, num_starts=None, num_steps=500, d
     num_starts: number of starting points.
     num_steps: Adam steps of the ascent.
     deadline: optional `time.perf_counter()` time; the search raises `SearchTimeout` when it
-      finds itself past it between phases (ascent, Newton steps, each mode's Laplace fit).
+      finds itself past it (checked every 100 ascent steps, every Newton step and before
+      each mode's Laplace fit).
 
   Returns:
     A `ModeMixture`.
@@ -122,7 +123,7 @@ def find_modes(target, num_components, seed=0, num_starts=None, num_steps=500, d
   if num_starts is None:
     num_starts = 2 * num_components if large else max(16, 4 * num_components)
   draws = target.prior.distribution.sample(max(256, num_starts),
-                                           seed=tfp.random.sanitize_seed(seed))
+                                           seed=checks.stateless_seed(seed, 1))
   draws = tf.reshape(tf.cast(draws, dtype), [-1, size])
   starts = draws[:num_starts]
   min_precision = _min_precision(draws)
@@ -177,12 +178,11 @@ def _min_precision(draws):
 def _climb(flat_target, starts, num_steps, min_precision, deadline):
   """Batched Adam ascent from the rows of `starts`, then damped Newton steps for up to 16
   dimensions: (end points, target values), float64 NumPy."""
-  modes, values = _ascend(flat_target, starts, num_steps)
+  modes, values = _ascend(flat_target, starts, num_steps, deadline=deadline)
   modes, values = modes.numpy().astype(np.float64), values.numpy().astype(np.float64)
-  _check_deadline(deadline, "after the ascent")
   if starts.shape[-1] <= _NEWTON_MAX_DIM:  # Ridges and stiff directions: curvature-aware.
-    modes, values = _newton_ascent(flat_target, modes, values, starts.dtype, min_precision)
-    _check_deadline(deadline, "after the Newton steps")
+    modes, values = _newton_ascent(flat_target, modes, values, starts.dtype, min_precision,
+                                   deadline=deadline)
   return modes, values
 
 
@@ -222,7 +222,7 @@ def mode_axes(target, found, num_starts=None, seed=0, num_steps=500, deadline=No
   if num_starts is None:
     num_starts = 8 * size
   draws = target.prior.distribution.sample(max(256, num_starts),
-                                           seed=tfp.random.sanitize_seed(seed + 1))
+                                           seed=checks.stateless_seed(seed, 2))
   draws = tf.reshape(tf.cast(draws, target.dtype), [-1, size])
   ends, values = _climb(target.flat_log_prob, draws[:num_starts], num_steps,
                         _min_precision(draws), deadline)
@@ -325,19 +325,18 @@ def _row_gradients(target, z):
   return tape.gradient(value, z)
 
 
-def _ascend(target, starts, num_steps, learning_rate=0.1):
+def _ascend(target, starts, num_steps, learning_rate=0.1, deadline=None, chunk=100):
   """Batched Adam ascent of `target` from each row of `starts`: (positions, values).
 
   Adam's per-coordinate step normalization copes with the stiff directions of
   near-hard constraints; the learning rate decays geometrically to 1% of its initial value.
-  Each row is an independent optimization.
+  Each row is an independent optimization. The steps run in compiled chunks of `chunk`, and
+  a `deadline` is checked between them (`SearchTimeout`).
   """
 
   @tf.function
-  def ascend(z):
-    m = tf.zeros_like(z)
-    v = tf.zeros_like(z)
-    for i in tf.range(num_steps):
+  def ascend(z, m, v, first, count):
+    for i in tf.range(first, first + count):
       g = _row_gradients(target, z)
       g = tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
       t = tf.cast(i + 1, z.dtype)
@@ -346,14 +345,16 @@ def _ascend(target, starts, num_steps, learning_rate=0.1):
       rate = learning_rate * tf.pow(tf.constant(0.01, z.dtype), (t - 1.) / num_steps)
       step = rate * (m / (1. - 0.9**t)) / (tf.sqrt(v / (1. - 0.999**t)) + 1e-8)
       z = z + step
-    return z, target(z)
+    return z, m, v
 
-  return ascend(starts)
+  z, m, v = starts, tf.zeros_like(starts), tf.zeros_like(starts)
+  for first in range(0, num_steps, chunk):
+    z, m, v = ascend(z, m, v, tf.constant(first), tf.constant(min(chunk, num_steps - first)))
+    _check_deadline(deadline, "during the ascent")
+  return z, target(z)
 
 
-
-
-def _newton_ascent(target, z, values, dtype, min_precision, num_iterations=25):
+def _newton_ascent(target, z, values, dtype, min_precision, num_iterations=25, deadline=None):
   """Batched damped Newton ascent (full Hessians; small latent dimensions only).
 
   Each step solves with the negative Hessian whose eigenvalues are floored at
@@ -369,6 +370,7 @@ def _newton_ascent(target, z, values, dtype, min_precision, num_iterations=25):
 
   lengths = np.array([1., 0.5, 0.25, 0.1, 0.03])
   for _ in range(num_iterations):
+    _check_deadline(deadline, "during the Newton steps")
     grad, hess = gradient_and_hessian(tf.constant(z, dtype))
     grad = grad.numpy().astype(np.float64)
     precision = -hess.numpy().astype(np.float64)

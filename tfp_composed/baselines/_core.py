@@ -15,6 +15,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from tfp_composed import checks
+
 __all__ = ["Clock", "Problem", "Result", "StopAtDeadline", "num_parameters", "stateless_seed",
            "unit_interval"]
 
@@ -127,12 +129,7 @@ class StopAtDeadline(tf_keras.callbacks.Callback):
       self.stopped = True
 
 
-def stateless_seed(seed, *salt):
-  """A shape-[2] int32 stateless seed from an int seed and integer salts (one per purpose)."""
-  value = tf.constant([seed % 2**31, (seed // 2**31) % 2**31], tf.int32)
-  for s in salt:
-    value = tf.random.experimental.stateless_fold_in(value, s)
-  return value
+stateless_seed = checks.stateless_seed
 
 
 def unit_interval(value, name):
