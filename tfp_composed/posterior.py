@@ -1044,6 +1044,10 @@ class NegativeElbo:
       weight = tf.where(self.anneal_if, weight, 1.)
     return tf.cast(weight, self.posterior.dtype)
 
+  # Plain TensorFlow all through (no tensor-dependent Python control flow): AutoGraph's
+  # conversion of the ~30 functions below took 2.4 of the 13 s that tracing a fit step took
+  # on `latent_rotated_nonlinear_blocks`.
+  @tf.autograph.experimental.do_not_convert
   def __call__(self, seed, step, shard=None):
     weight = self.likelihood_weight(step)
     value = self.posterior.loss(self.batch_size, seed, weight, shard=shard,
