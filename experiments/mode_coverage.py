@@ -72,6 +72,16 @@ def principal_axes_start(problem, seed):
   return pregenerator, fit_kwargs
 
 
+def default_pregenerator(name, num_blocks=None, mixing="permutation"):
+  """The default pre-generator of problem `name` (as `ComposedPosterior` builds it) with
+  `tfc.pregenerators.real_nvp`'s `mixing`."""
+  kwargs = {} if num_blocks is None or "linear" in name else {"num_blocks": num_blocks}
+  size = tfc.problems.get(name, **kwargs).dim
+  hidden = int(min(256, max(64, 4 * size)))
+  return tfc.pregenerators.real_nvp([size], num_layers=4, hidden_units=(hidden, hidden),
+                                    axes=size <= 64, mixing=mixing)
+
+
 def run(name, method="new", seed=0, num_blocks=None, num_samples=4000, posterior_kwargs=None,
         fit_kwargs=None, start="default"):
   """Fits one problem and scores it; returns a dict of Python numbers.
@@ -142,6 +152,8 @@ flags.DEFINE_integer("seed", 0, "Seed of the fit.")
 flags.DEFINE_string("fit_kwargs", "{}", "JSON dict of further fit() options.")
 flags.DEFINE_string("posterior_kwargs", "{}", "JSON dict of further constructor options.")
 flags.DEFINE_string("output_json", None, "Where to write the rows.")
+flags.DEFINE_enum("mixing", None, ["permutation", "lu"],
+                  "The default pre-generator with this `real_nvp` mixing (None: fit's default).")
 
 
 def main(argv):
@@ -149,9 +161,13 @@ def main(argv):
   rows = []
   for method in FLAGS.methods:
     for name in FLAGS.problems:
-      row = run(name, method, FLAGS.seed, FLAGS.num_blocks,
-                posterior_kwargs=json.loads(FLAGS.posterior_kwargs),
+      posterior_kwargs = json.loads(FLAGS.posterior_kwargs)
+      if FLAGS.mixing is not None:
+        posterior_kwargs["pregenerator"] = default_pregenerator(name, FLAGS.num_blocks,
+                                                                mixing=FLAGS.mixing)
+      row = run(name, method, FLAGS.seed, FLAGS.num_blocks, posterior_kwargs=posterior_kwargs,
                 fit_kwargs=json.loads(FLAGS.fit_kwargs), start=FLAGS.start)
+      row["mixing"] = FLAGS.mixing or "permutation"
       print(json.dumps(row), flush=True)
       rows.append(row)
   print(format_table(rows))

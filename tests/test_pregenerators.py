@@ -342,3 +342,8 @@ def test_stage_axes_are_checked_at_the_door():
   with pytest.raises(ValueError, match=r"got shape \[3, 3\]"):
     stage.set_gaussian(np.zeros(2), np.eye(2), axes=np.eye(3))
   np.testing.assert_array_equal(stage.axes.numpy(), np.eye(2))  # Nothing was changed.
+
+
+def test_unknown_mixing_is_named():
+  with pytest.raises(ValueError, match=r"`mixing` must be one of \('permutation', 'lu'\), got 'qr'"):
+    pregenerators.real_nvp([4], mixing="qr")

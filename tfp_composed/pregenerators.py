@@ -24,6 +24,8 @@ layers, convolutional couplings), so `h` works in whitened coordinates.
      https://arxiv.org/abs/2002.11743
 [2]: Laurent Dinh, Jascha Sohl-Dickstein and Samy Bengio. Density estimation using Real NVP.
      In _ICLR_, 2017. https://arxiv.org/abs/1605.08803
+[3]: Diederik P. Kingma and Prafulla Dhariwal. Glow: Generative Flow with Invertible 1x1
+     Convolutions. In _NeurIPS_, 2018. https://arxiv.org/abs/1807.03039
 """
 
 import numpy as np
@@ -581,9 +583,12 @@ def affine(event_shape, full_rank=True, dtype=tf.float32, name="affine"):
                name)
 
 
+_MIXINGS = ("permutation", "lu")
+
+
 def real_nvp(event_shape, num_layers=4, hidden_units=(256, 256), affine_stage=True,
              full_rank=None, activation="elu", seed=0, dtype=tf.float32, name="real_nvp",
-             axes=False):
+             axes=False, mixing="permutation"):
   """RealNVP pre-generator: `num_layers` `AffineCoupling`s then an affine stage.
 
   Each coupling `y_B = x_B * exp(s(x_A)) + t(x_A)` conditions one half of a fixed random
@@ -591,6 +596,14 @@ def real_nvp(event_shape, num_layers=4, hidden_units=(256, 256), affine_stage=Tr
   so the bijector starts at the identity. `full_rank=None` picks a full-rank affine stage for
   up to 1024 latent dimensions and a diagonal one above; `axes=True` gives the stage fixed
   orthogonal axes for `fit`'s start to set (see `AffineStage`).
+
+  `mixing="lu"` puts a trainable linear map before each coupling (`tfb.ScaleMatvecLU`, an
+  LU-factored matrix as Glow's invertible 1x1 convolutions [3], identity at the start), so
+  that the couplings' halves can turn to directions that no coordinate split holds. On
+  `tfc.problems.latent_rotated_nonlinear_blocks` (D = 16, curved blocks mixed by a latent
+  rotation) it lowered `fit()`'s KL from 0.44 to 0.31 nats and left the axis-aligned
+  problems within their standard errors, for about 20% more time per fit
+  (results/mode_coverage.md); the default stays `"permutation"`.
 
   #### Examples
 
@@ -605,9 +618,15 @@ def real_nvp(event_shape, num_layers=4, hidden_units=(256, 256), affine_stage=Tr
   hidden_units = _check_units("hidden_units", hidden_units)
   seed = _check_int("seed", seed, 0)
   dtype = _check_dtype(dtype)
+  if mixing not in _MIXINGS:
+    raise ValueError(f"`mixing` must be one of {_MIXINGS}, got {mixing!r}.")
   bijectors = []  # In forward-application order; reversed for tfb.Chain at the end.
   if size >= 2:
     for i in range(num_layers):
+      if mixing == "lu":
+        bijectors.append(tfb.ScaleMatvecLU(
+            tf.Variable(tf.eye(size, dtype=dtype), name=f"mixing_{i}_lower_upper"),
+            permutation=tf.range(size), name=f"mixing_{i}"))
       bijectors.append(AffineCoupling(
           size, num_masked=size // 2, hidden_units=hidden_units,
           permutation=np.random.RandomState(seed + i).permutation(size),
@@ -709,6 +728,8 @@ REGISTRY = {
     "affine": ([5], affine),
     "affine_diag": ([2, 3], lambda shape, **kw: affine(shape, full_rank=False, **kw)),
     "real_nvp": ([4], lambda shape, **kw: real_nvp(shape, num_layers=2, hidden_units=(16,), **kw)),
+    "real_nvp_lu": ([4], lambda shape, **kw: real_nvp(shape, num_layers=2, hidden_units=(16,),
+                                                      mixing="lu", axes=True, **kw)),
     "real_nvp_image": ([2, 2, 1],
                        lambda shape, **kw: real_nvp(shape, num_layers=2, hidden_units=(8,), **kw)),
     "iaf": ([4], lambda shape, **kw: iaf(shape, num_layers=2, hidden_units=(16,), **kw)),
