@@ -23,7 +23,7 @@ moons: $(VENV)/.installed
 	$(PY) -m experiments.demo --output outputs/demo.png
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 benchmark: $(VENV)/.installed
 	$(PY) -m experiments.benchmark --output_json outputs/benchmark.json

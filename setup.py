@@ -31,7 +31,7 @@ setuptools.setup(
         "arviz>=0.20,<0.24",  # PSIS k-hat (arviz.psislw) in tfp_composed.diagnostics.
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
     },
 )
