@@ -73,13 +73,12 @@ def principal_axes_start(problem, seed):
 
 
 def default_pregenerator(name, num_blocks=None, mixing="permutation"):
-  """The default pre-generator of problem `name` (as `ComposedPosterior` builds it) with
+  """The default pre-generator of problem `name` (`ComposedPosterior`'s own builder) with
   `tfc.pregenerators.real_nvp`'s `mixing`."""
   kwargs = {} if num_blocks is None or "linear" in name else {"num_blocks": num_blocks}
-  size = tfc.problems.get(name, **kwargs).dim
-  hidden = int(min(256, max(64, 4 * size)))
-  return tfc.pregenerators.real_nvp([size], num_layers=4, hidden_units=(hidden, hidden),
-                                    axes=size <= 64, mixing=mixing)
+  problem = tfc.problems.get(name, **kwargs)
+  return tfc.posterior._default_pregenerator(  # pylint: disable=protected-access
+      problem.prior.distribution.event_shape, problem.prior.dtype, mixing=mixing)
 
 
 def run(name, method="new", seed=0, num_blocks=None, num_samples=4000, posterior_kwargs=None,

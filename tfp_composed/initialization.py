@@ -28,7 +28,6 @@ and `fit_laplace_scales` rescales its variance inside and outside the span of `V
 
 import dataclasses
 import time
-import warnings
 from typing import Optional
 
 import numpy as np
@@ -289,9 +288,9 @@ def _complete_near_identity(axes, min_cosine=0.9):
   """An orthogonal `[D, D]` holding the orthonormalized columns of `axes` `[D, r]`, nearest
   the identity.
 
-  Column `i` of `axes` (orthonormalized, sign flipped to agree) goes to the coordinate it loads on most
-  (greedily, largest first); the remaining coordinates get the orthonormal basis of the
-  complement closest to their unit vectors. None when every column of `axes` is within
+  Column `i` of `axes` (orthonormalized, sign flipped to agree) goes to the coordinate it
+  loads on most (greedily, largest first); the remaining coordinates get the orthonormal
+  basis of the complement closest to their unit vectors. None when every column of `axes` is within
   `min_cosine` of its coordinate axis: the identity already separates them.
   """
   axes = _closest_orthogonal(axes)

@@ -602,7 +602,7 @@ def real_nvp(event_shape, num_layers=4, hidden_units=(256, 256), affine_stage=Tr
   that the couplings' halves can turn to directions that no coordinate split holds. On
   `tfc.problems.latent_rotated_nonlinear_blocks` (D = 16, curved blocks mixed by a latent
   rotation) it lowered `fit()`'s KL from 0.44 to 0.31 nats and left the axis-aligned
-  problems within their standard errors, for 0-5 s more per 40 s fit
+  problems within their standard errors, for 0-6 s more per 40 s fit
   (results/mode_coverage.md); the default stays `"permutation"`.
 
   #### Examples
