@@ -52,8 +52,9 @@ NEW = dict(posterior={}, fit={})
 STARTS = ("default", "principal_axes")
 
 
-def principal_axes_start(problem, seed):
-  """The pre-generator and fit options of `--start=principal_axes` (module docstring)."""
+def principal_axes_start(problem, seed, mixing="permutation"):
+  """The pre-generator and fit options of `--start=principal_axes` (module docstring), with
+  `real_nvp`'s `mixing`."""
   target = tfc.targets.LatentTarget(problem.prior, problem.likelihood, problem.observation)
   found = tfc.initialization.find_modes(target, 2, seed=seed)
   one_mode = found.num_modes == 1
@@ -63,7 +64,7 @@ def principal_axes_start(problem, seed):
   hidden = int(min(256, max(64, 4 * size)))  # As the default pre-generator.
   stage = tfc.pregenerators.AffineStage(size)
   couplings = tfc.pregenerators.real_nvp([size], num_layers=4, hidden_units=(hidden, hidden),
-                                         affine_stage=False)
+                                         affine_stage=False, mixing=mixing)
   pregenerator = tfb.Chain([tfc.problems.Orthogonal(axes), stage, couplings])
   fit_kwargs = {"init": None}  # The start is made here; a new posterior anneals from it.
   if one_mode:
@@ -82,7 +83,7 @@ def default_pregenerator(name, num_blocks=None, mixing="permutation"):
 
 
 def run(name, method="new", seed=0, num_blocks=None, num_samples=4000, posterior_kwargs=None,
-        fit_kwargs=None, start="default"):
+        fit_kwargs=None, start="default", mixing="permutation"):
   """Fits one problem and scores it; returns a dict of Python numbers.
 
   Args:
@@ -94,6 +95,7 @@ def run(name, method="new", seed=0, num_blocks=None, num_samples=4000, posterior
     posterior_kwargs, fit_kwargs: further options (override the method's).
     start: "default" (`fit`'s) or "principal_axes" (see the module docstring; its mode
       search is timed with the fit).
+    mixing: `real_nvp`'s mixing for the principal-axes start's couplings.
   """
   if start not in STARTS:
     raise ValueError(f"`start` must be one of {STARTS}, got {start!r}.")
@@ -104,12 +106,12 @@ def run(name, method="new", seed=0, num_blocks=None, num_samples=4000, posterior
   f_kwargs = dict(config["fit"], **(fit_kwargs or {}))
   wall, cpu = time.time(), time.process_time()
   if start == "principal_axes":
-    pregenerator, start_kwargs = principal_axes_start(problem, seed)
+    pregenerator, start_kwargs = principal_axes_start(problem, seed, mixing)
     p_kwargs["pregenerator"] = pregenerator
     f_kwargs = dict(start_kwargs, **f_kwargs)
   posterior = tfc.ComposedPosterior(problem.prior, problem.likelihood, problem.observation,
                                     **p_kwargs)
-  posterior.fit(seed=seed, verbose=0, **f_kwargs)
+  history = posterior.fit(seed=seed, verbose=0, **f_kwargs)
   wall, cpu = time.time() - wall, time.process_time() - cpu
   x, log_q = posterior.experimental_sample_and_log_prob(num_samples, seed=seed + 1)
   score = problem.score(x.numpy(), log_q.numpy(), seed=seed)
@@ -121,7 +123,8 @@ def run(name, method="new", seed=0, num_blocks=None, num_samples=4000, posterior
          "mode_mass_error": score.get("mode_mass_error", float("nan")),
          "mode_mass_stderr": score.get("mode_mass_stderr", float("nan")),
          "nonfinite_fraction": score["nonfinite_fraction"],
-         "wall_seconds": wall, "cpu_seconds": cpu}
+         "wall_seconds": wall, "cpu_seconds": cpu,
+         "steps": len(history.history.get("loss", [])), "converged": history.converged}
   diagnosis = getattr(posterior, "diagnosis", None)
   if diagnosis is not None:
     row.update({f"diag_{k}": v for k, v in diagnosis.items() if np.isscalar(v)})
@@ -165,7 +168,8 @@ def main(argv):
         posterior_kwargs["pregenerator"] = default_pregenerator(name, FLAGS.num_blocks,
                                                                 mixing=FLAGS.mixing)
       row = run(name, method, FLAGS.seed, FLAGS.num_blocks, posterior_kwargs=posterior_kwargs,
-                fit_kwargs=json.loads(FLAGS.fit_kwargs), start=FLAGS.start)
+                fit_kwargs=json.loads(FLAGS.fit_kwargs), start=FLAGS.start,
+                mixing=FLAGS.mixing or "permutation")
       row["mixing"] = FLAGS.mixing or "permutation"
       print(json.dumps(row), flush=True)
       rows.append(row)

@@ -84,6 +84,17 @@ def test_curved_nonlinear_blocks():
   _check(_score(problem, posterior), kl_bound=0.15)
 
 
+def test_linear_gaussian_64_is_exact_without_training():
+  """Issue target (c): KL <= 0.02 at D = 64. The Laplace start is the posterior (the base's
+  mixtures add 3e-4 nats), the start's importance check says so and `fit` trains no step;
+  the KL bound 0.02 is 20 standard errors (~0.001) above the measured value (~0)."""
+  problem = tfc.problems.get("linear_gaussian_64")
+  posterior = tfc.ComposedPosterior(problem.prior, problem.likelihood, problem.observation)
+  history = posterior.fit(seed=0, verbose=0)
+  assert history.exact_start and posterior.modes_found == 1
+  _check(_score(problem, posterior), kl_bound=0.02)
+
+
 def test_a_poor_fit_is_reported_with_its_refinement(bimodal):
   """Reverse KL from one Laplace mode, briefly: most mass of the other modes is missing and
   `fit` warns, naming SIR and NeuTra HMC."""

@@ -455,3 +455,24 @@ def test_a_mode_search_past_its_share_of_the_time_limit_starts_at_the_prior():
   history = posterior.fit(num_steps=40, seed=0, verbose=0, init=None, check_weights=False,
                           convergence=None)
   assert history.history["likelihood_weight"][0] < 0.01  # Annealed from the prior.
+
+
+def test_a_start_that_needs_no_training_ends_the_fit_before_its_first_step():
+  # `on_fresh_start` returning True: no step runs, so the step is never traced (a loss that
+  # raises when traced would otherwise fail), and nothing warns, under a time limit too.
+  w = tf.Variable([0.])
+
+  def loss(seed, step, shard):
+    raise AssertionError("traced")
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    history = tfc.training.fit(loss, [w], num_steps=100, verbose=0, time_limit=10.,
+                               on_fresh_start=lambda: True)
+  assert history.history.get("loss", []) == []
+  np.testing.assert_array_equal(w.numpy(), [0.])
+  # Any other return value (None included) trains as before.
+  w, loss = _noisy_quadratic()
+  history = tfc.training.fit(loss, [w], num_steps=40, verbose=0, convergence=None,
+                             on_fresh_start=lambda: None)
+  assert len(history.history["loss"]) == 40

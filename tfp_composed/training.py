@@ -529,7 +529,8 @@ def fit(loss, variables, num_steps=2000, learning_rate=1e-3, seed=0, callbacks=N
     clip_norm: global gradient-norm clip.
     checkpoint_objects: dict of further trackables saved in the checkpoint.
     on_fresh_start: called with no arguments before the first step when no checkpoint was
-      restored (e.g. an initialization).
+      restored (e.g. an initialization). If it returns True, the start needs no training:
+      the call ends before its first step (nothing is traced or saved).
     on_resume: called with no arguments after a checkpoint was restored.
     steps_per_epoch: steps per callback epoch (None: `steps_per_execution`); bursts never cross
       an epoch boundary.
@@ -694,7 +695,8 @@ def _fit_in_scope(runner, strategy, num_steps, learning_rate, seed, callbacks,
     if on_resume is not None:
       on_resume()
   elif on_fresh_start is not None:
-    on_fresh_start()
+    model.stop_training = on_fresh_start() is True
+  start_was_enough = model.stop_training
   if start > num_steps:
     warnings.warn(
         f"`num_steps` {num_steps} is below the step {start} of the restored checkpoint: "
@@ -789,7 +791,8 @@ def _fit_in_scope(runner, strategy, num_steps, learning_rate, seed, callbacks,
     _barrier(strategy)  # No worker reads the checkpoint before the chief has written it.
   callback_list.on_train_end({"seconds": time.time() - t0})
   history.planned_steps = plan.steps
-  if plan.deadline is not None and plan.steps <= min(steps_per_execution, num_steps - 1):
+  if (plan.deadline is not None and not start_was_enough
+      and plan.steps <= min(steps_per_execution, num_steps - 1)):
     warnings.warn(
         f"`time_limit` ({plan.time_limit:g} s) left time for {plan.steps} of the "
         f"{num_steps} steps: the start and tracing took {plan.first_burst_end - plan.began:.1f} s. "
