@@ -888,7 +888,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
         self.initialize_map(seed=seed)
       else:
         return False
-      if steps_given or not check_weights or self.modes_found != 1 or large:
+      if large or steps_given or getattr(self, "modes_found", None) != 1:
         return False
       start_check.append(self.importance_check(seed=seed))
       d = start_check[0]["diagnostics"]
