@@ -878,7 +878,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
                       else time.perf_counter() + _START_SHARE * time_limit)
     start_options = {} if large else {"deadline": start_deadline}
 
-    start_check = []
+    start_check = {}  # The start's importance check and whether it found the start exact.
 
     def on_fresh_start():  # True: the start is exact enough, `training.fit` runs no step.
       auto = init == "auto" and not bool(self._initialized.numpy())
@@ -890,9 +890,10 @@ class ComposedPosterior(tfd.TransformedDistribution):
         return False
       if large or steps_given or getattr(self, "modes_found", None) != 1:
         return False
-      start_check.append(self.importance_check(seed=seed))
-      d = start_check[0]["diagnostics"]
-      return bool(d.trustworthy) and d.gap <= EXACT_START_GAP
+      check = self.importance_check(seed=seed)
+      d = check["diagnostics"]
+      start_check.update(check=check, exact=bool(d.trustworthy) and d.gap <= EXACT_START_GAP)
+      return start_check["exact"]
 
     def on_resume():
       if init == "laplace":
@@ -915,12 +916,12 @@ class ComposedPosterior(tfd.TransformedDistribution):
         on_fresh_start=on_fresh_start, on_resume=on_resume, log_dir=log_dir,
         time_limit=time_limit, on_horizon=on_horizon, **kwargs)
     history.diagnostics = None
-    history.exact_start = bool(start_check) and not history.history.get("loss")
+    history.exact_start = start_check.get("exact", False)
     if history.exact_start and verbose:
-      print(f"fit: the start is exact to {start_check[0]['diagnostics'].gap:.2g} nats "
+      print(f"fit: the start is exact to {start_check['check']['diagnostics'].gap:.2g} nats "
             f"(importance-sampling gap, limit {EXACT_START_GAP:g}): not trained.")
     if check_weights:
-      self.diagnosis = (start_check[0] if history.exact_start
+      self.diagnosis = (start_check["check"] if history.exact_start
                         else self.importance_check(seed=seed))
       history.diagnostics = self.diagnosis["diagnostics"]
       if verbose:

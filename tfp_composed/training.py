@@ -691,12 +691,14 @@ def _fit_in_scope(runner, strategy, num_steps, learning_rate, seed, callbacks,
   callback_list.on_train_begin()  # BackupAndRestore restores here.
   start = int(runner.step.numpy())
   runner.reported.assign(start)
+  start_was_enough = False
   if restored or start != before:
     if on_resume is not None:
       on_resume()
   elif on_fresh_start is not None:
-    model.stop_training = on_fresh_start() is True
-  start_was_enough = model.stop_training
+    start_was_enough = on_fresh_start() is True
+    if start_was_enough:
+      model.stop_training = True
   if start > num_steps:
     warnings.warn(
         f"`num_steps` {num_steps} is below the step {start} of the restored checkpoint: "
