@@ -28,6 +28,7 @@ and `fit_laplace_scales` rescales its variance inside and outside the span of `V
 
 import dataclasses
 import time
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -117,7 +118,7 @@ def find_modes(target, num_components, seed=0, num_starts=None, num_steps=500, d
   """
   dtype = target.dtype
   size = target.latent_size
-  flat_target = target.flat_log_prob
+  compiled = _compiled(target)
   large = size > _LARGE_DIM
   if num_starts is None:
     num_starts = 2 * num_components if large else max(16, 4 * num_components)
@@ -126,28 +127,26 @@ def find_modes(target, num_components, seed=0, num_starts=None, num_steps=500, d
   draws = tf.reshape(tf.cast(draws, dtype), [-1, size])
   starts = draws[:num_starts]
   min_precision = _min_precision(draws)
-  modes, values = _climb(flat_target, starts, num_steps, min_precision, deadline)
+  modes, values = _climb(compiled, starts, num_steps, min_precision, deadline)
   finite = np.isfinite(values) & np.all(np.isfinite(modes), axis=-1)
   if not finite.any():
     raise FloatingPointError(
         "The latent target is not finite at any of the optimized starting points; check "
         "the observation, the likelihood's scale and the prior.")
   order = [i for i in np.argsort(-values) if finite[i]]
-  derivatives = _compiled_derivatives(flat_target)
   selected = []  # (mode, value, covariance, log evidence)
   for i in order:
     if len(selected) == num_components:
       break
     mu = modes[i]
-    if any(_same_basin(flat_target, mu, values[i], m, v, dtype) for m, v, _, _ in selected):
+    if selected and _same_basin(compiled.value, mu, values[i], selected, dtype):
       continue
     _check_deadline(deadline, f"at mode {len(selected) + 1}")
     mu, value, _, covariance, _ = _laplace(
-        flat_target, derivatives, mu, float(values[i]), dtype, min_precision,
-        newton_steps=0 if large else 3)
+        compiled, mu, float(values[i]), dtype, min_precision, newton_steps=0 if large else 3)
     # A curved mode gets a narrower Gaussian; its weight is its estimated evidence.
     covariance, log_evidence = _fit_gaussian_scale(
-        flat_target, mu, covariance, dtype, seed + len(selected))
+        compiled.value, mu, covariance, dtype, seed + len(selected))
     if not np.isfinite(log_evidence):
       continue
     selected.append((mu, value, covariance, log_evidence))
@@ -174,15 +173,53 @@ def _min_precision(draws):
   return 0.5 / float(np.mean(np.var(draws.numpy().astype(np.float64), axis=0)))
 
 
-def _climb(flat_target, starts, num_steps, min_precision, deadline):
+def _climb(compiled, starts, num_steps, min_precision, deadline):
   """Batched Adam ascent from the rows of `starts`, then damped Newton steps for up to 16
   dimensions: (end points, target values), float64 NumPy."""
-  modes, values = _ascend(flat_target, starts, num_steps, deadline=deadline)
+  modes, values = _ascend(compiled, starts, num_steps, deadline=deadline)
   modes, values = modes.numpy().astype(np.float64), values.numpy().astype(np.float64)
   if starts.shape[-1] <= _NEWTON_MAX_DIM:  # Ridges and stiff directions: curvature-aware.
-    modes, values = _newton_ascent(flat_target, modes, values, starts.dtype, min_precision,
+    modes, values = _newton_ascent(compiled, modes, values, starts.dtype, min_precision,
                                    deadline=deadline)
   return modes, values
+
+
+class _Compiled:
+  """The search's compiled functions of one flat target `[n, D] -> [n]`, each traced once
+  for any number of rows: an eager call of a flow prior costs tens of milliseconds, and the
+  search makes hundreds (Newton's step lengths, basin checks, evidence estimates).
+
+  `value(z)`; `curvature(z, v)` (`_curvature`: rows' gradients and Hessian-vector
+  products, which give the Newton steps' Hessians and the Laplace fits' in chunks);
+  `adam_steps(...)` (a chunk of `_ascend`).
+  """
+
+  def __init__(self, flat_target, size, dtype):
+    rows = tf.TensorSpec([None, size], dtype)
+    count = tf.TensorSpec([], tf.int32)
+    scalar = tf.TensorSpec([], dtype)
+    self.size = size
+    self.value = tf.function(flat_target, input_signature=[rows])
+    self.curvature = tf.function(lambda z, v: _curvature(flat_target, z, v),
+                                 input_signature=[rows, rows])
+    self.adam_steps = tf.function(
+        lambda z, m, v, first, steps, num_steps, rate: _adam_steps(
+            flat_target, z, m, v, first, steps, num_steps, rate),
+        input_signature=[rows, rows, rows, count, count, scalar, scalar])
+
+
+# One `_Compiled` per latent target (`find_modes`, then `mode_axes`, reuse its traces); an
+# entry goes with its target.
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+def _compiled(target):
+  """The `_Compiled` functions of a `LatentTarget`'s `flat_log_prob`."""
+  if target not in _COMPILED:
+    ref = weakref.ref(target)  # The functions must not keep their own key alive.
+    _COMPILED[target] = _Compiled(lambda z: ref().flat_log_prob(z), target.latent_size,
+                                  target.dtype)
+  return _COMPILED[target]
 
 
 def mode_axes(target, found, num_starts=None, seed=0, num_steps=500, deadline=None):
@@ -223,7 +260,7 @@ def mode_axes(target, found, num_starts=None, seed=0, num_steps=500, deadline=No
   draws = target.prior.distribution.sample(max(256, num_starts),
                                            seed=checks.stateless_seed(seed, 2))
   draws = tf.reshape(tf.cast(draws, target.dtype), [-1, size])
-  ends, values = _climb(target.flat_log_prob, draws[:num_starts], num_steps,
+  ends, values = _climb(_compiled(target), draws[:num_starts], num_steps,
                         _min_precision(draws), deadline)
   finite = np.isfinite(values) & np.all(np.isfinite(ends), axis=-1)
   best = max(np.max(values[finite], initial=-np.inf), float(np.max(found.values)))
@@ -324,53 +361,51 @@ def _row_gradients(target, z):
   return tape.gradient(value, z)
 
 
+def _adam_steps(target, z, m, v, first, steps, num_steps, learning_rate):
+  """Steps `first, ..., first + steps - 1` of `_ascend`'s Adam ascent: `(z, m, v)`."""
+  for i in tf.range(first, first + steps):
+    g = _row_gradients(target, z)
+    g = tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
+    t = tf.cast(i + 1, z.dtype)
+    m = 0.9 * m + 0.1 * g
+    v = 0.999 * v + 0.001 * tf.square(g)
+    rate = learning_rate * tf.pow(tf.constant(0.01, z.dtype), (t - 1.) / num_steps)
+    step = rate * (m / (1. - 0.9**t)) / (tf.sqrt(v / (1. - 0.999**t)) + 1e-8)
+    z = z + step
+  return z, m, v
+
+
 def _ascend(target, starts, num_steps, learning_rate=0.1, deadline=None, chunk=100):
   """Batched Adam ascent of `target` from each row of `starts`: (positions, values).
 
   Adam's per-coordinate step normalization copes with the stiff directions of
   near-hard constraints; the learning rate decays geometrically to 1% of its initial value.
   Each row is an independent optimization. The steps run in compiled chunks of `chunk`, and
-  a `deadline` is checked between them (`SearchTimeout`).
+  a `deadline` is checked between them (`SearchTimeout`). `target`: a `_Compiled` or a flat
+  callable `[n, D] -> [n]`.
   """
-
-  @tf.function
-  def ascend(z, m, v, first, count):
-    for i in tf.range(first, first + count):
-      g = _row_gradients(target, z)
-      g = tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
-      t = tf.cast(i + 1, z.dtype)
-      m = 0.9 * m + 0.1 * g
-      v = 0.999 * v + 0.001 * tf.square(g)
-      rate = learning_rate * tf.pow(tf.constant(0.01, z.dtype), (t - 1.) / num_steps)
-      step = rate * (m / (1. - 0.9**t)) / (tf.sqrt(v / (1. - 0.999**t)) + 1e-8)
-      z = z + step
-    return z, m, v
-
+  compiled = target if isinstance(target, _Compiled) else _Compiled(
+      target, int(starts.shape[-1]), starts.dtype)
+  dtype = starts.dtype
   z, m, v = starts, tf.zeros_like(starts), tf.zeros_like(starts)
   for first in range(0, num_steps, chunk):
-    z, m, v = ascend(z, m, v, tf.constant(first), tf.constant(min(chunk, num_steps - first)))
+    z, m, v = compiled.adam_steps(z, m, v, tf.constant(first),
+                                  tf.constant(min(chunk, num_steps - first)),
+                                  tf.constant(num_steps, dtype), tf.constant(learning_rate, dtype))
     _check_deadline(deadline, "during the ascent")
-  return z, target(z)
+  return z, compiled.value(z)
 
 
-def _newton_ascent(target, z, values, dtype, min_precision, num_iterations=25, deadline=None):
+def _newton_ascent(compiled, z, values, dtype, min_precision, num_iterations=25, deadline=None):
   """Batched damped Newton ascent (full Hessians; small latent dimensions only).
 
   Each step solves with the negative Hessian whose eigenvalues are floored at
   `min_precision`, and keeps the best of five step lengths that increases the target.
   """
-
-  @tf.function
-  def gradient_and_hessian(points):
-    with tf.GradientTape() as outer:
-      outer.watch(points)
-      grad = _row_gradients(target, points)
-    return grad, outer.batch_jacobian(grad, points)
-
   lengths = np.array([1., 0.5, 0.25, 0.1, 0.03])
   for _ in range(num_iterations):
     _check_deadline(deadline, "during the Newton steps")
-    grad, hess = gradient_and_hessian(tf.constant(z, dtype))
+    grad, hess = compiled.curvature(tf.constant(z, dtype), tf.eye(z.shape[1], dtype=dtype))
     grad = grad.numpy().astype(np.float64)
     precision = -hess.numpy().astype(np.float64)
     precision = 0.5 * (precision + np.swapaxes(precision, -1, -2))
@@ -380,7 +415,8 @@ def _newton_ascent(target, z, values, dtype, min_precision, num_iterations=25, d
                      np.einsum("nji,nj->ni", eigvecs, grad) / eigvals)
     step = np.where(np.isfinite(step), step, 0.)
     candidates = z[None] + lengths[:, None, None] * step[None]  # [5, N, D]
-    cand_values = target(tf.constant(candidates.reshape(-1, z.shape[1]), dtype)).numpy()
+    cand_values = compiled.value(
+        tf.constant(candidates.reshape(-1, z.shape[1]), dtype)).numpy()
     cand_values = np.where(np.isfinite(cand_values), cand_values, -np.inf).reshape(5, -1)
     best = np.argmax(cand_values, axis=0)
     best_values = cand_values[best, np.arange(z.shape[0])]
@@ -392,12 +428,16 @@ def _newton_ascent(target, z, values, dtype, min_precision, num_iterations=25, d
   return z, values
 
 
-def _same_basin(target, a, value_a, b, value_b, dtype, barrier=1.):
-  """Whether the segment from `a` to `b` stays within `barrier` nats of its lower end."""
-  t = np.linspace(0., 1., 11)[1:-1, None]
-  path = (1. - t) * a[None] + t * b[None]
-  values = target(tf.constant(path, dtype)).numpy().astype(np.float64)
-  return bool(np.all(values >= min(value_a, value_b) - barrier))
+def _same_basin(value, a, value_a, selected, dtype, barrier=1.):
+  """Whether the segment from `a` to any kept mode `b` (`selected`: `(b, value_b, ...)`
+  tuples) stays within `barrier` nats of its lower end; one batched call of `value`."""
+  t = np.linspace(0., 1., 11)[1:-1, None, None]
+  ends = np.stack([entry[0] for entry in selected])  # [M, D]
+  path = (1. - t) * a[None, None] + t * ends[None]  # [9, M, D]
+  values = value(tf.constant(path.reshape(-1, a.shape[0]), dtype)).numpy()
+  values = values.astype(np.float64).reshape(path.shape[:2])
+  lower = np.minimum(value_a, np.array([entry[1] for entry in selected]))
+  return bool(np.any(np.all(values >= lower - barrier, axis=0)))
 
 
 def _fit_gaussian_scale(target, mean, covariance, dtype, seed, num_samples=128):
@@ -427,25 +467,21 @@ def _fit_gaussian_scale(target, mean, covariance, dtype, seed, num_samples=128):
   return factors[best] * covariance, float(np.max(log_evidence))
 
 
-def _hessian_vector_products(target, z, vectors):
-  """Rows `H(z) v_i` for the rows `v_i` of `vectors`, by reverse-over-reverse autodiff."""
-  points = tf.tile(z[tf.newaxis], [tf.shape(vectors)[0], 1])
+def _curvature(target, points, vectors):
+  """Gradients `[n, D]` of `target`'s rows at `points` `[n, D]` and the Hessian-vector products
+  `H(points_i) v_j` `[n, m, D]` for the rows `v_j` of `vectors` `[m, D]` (reverse over
+  reverse; with `vectors` the identity, the Hessians)."""
+  n, m = tf.shape(points)[0], tf.shape(vectors)[0]
+  tiled = tf.repeat(points, m, axis=0)  # [n m, D], row i m + j: point i for vector j.
   with tf.GradientTape() as outer:
-    outer.watch(points)
-    grad = _row_gradients(target, points)
-    gv = tf.reduce_sum(grad * vectors)
-  return outer.gradient(gv, points)
+    outer.watch(tiled)
+    grad = _row_gradients(target, tf.concat([points, tiled], 0))
+    gv = tf.reduce_sum(grad[n:] * tf.tile(vectors, [n, 1]))
+  hv = outer.gradient(gv, tiled, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+  return grad[:n], tf.reshape(hv, [n, m, -1])
 
 
-def _compiled_derivatives(target):
-  """Compiled Hessian-vector products and gradient of `target` (trace once, reuse per mode)."""
-  hvp = tf.function(lambda z, v: _hessian_vector_products(target, z, v), reduce_retracing=True)
-  grad_fn = tf.function(lambda z: tfp.math.value_and_gradient(target, z[tf.newaxis])[1][0])
-  return hvp, grad_fn
-
-
-def _laplace(target, derivatives, mu, value, dtype, min_precision, newton_steps=3,
-             chunk=128):
+def _laplace(compiled, mu, value, dtype, min_precision, newton_steps=3, chunk=128):
   """Laplace approximation at a (polished) mode of `target` near `mu`.
 
   Up to `newton_steps` damped Newton steps `mu <- mu + P^{-1} grad` refine `mu` (a step is
@@ -453,13 +489,16 @@ def _laplace(target, derivatives, mu, value, dtype, min_precision, newton_steps=
   with `P` the negative Hessian, its eigenvalues clipped below at `min_precision`.
   """
   size = mu.shape[0]
-  hvp, grad_fn = derivatives
   eye = np.eye(size)
 
+  def hessian(point):  # `D` Hessian-vector products in chunks.
+    return np.concatenate(
+        [compiled.curvature(tf.constant(point[None], dtype),
+                            tf.constant(eye[i:i + chunk], dtype))[1][0].numpy()
+         for i in range(0, size, chunk)], axis=0)
+
   def curvature(point):
-    rows = [hvp(tf.constant(point, dtype), tf.constant(eye[i:i + chunk], dtype)).numpy()
-            for i in range(0, size, chunk)]
-    precision = -np.concatenate(rows, axis=0).astype(np.float64)
+    precision = -hessian(point).astype(np.float64)
     precision = 0.5 * (precision + precision.T)
     eigvals, eigvecs = np.linalg.eigh(precision)
     eigvals = np.clip(eigvals, min_precision, None)
@@ -467,9 +506,9 @@ def _laplace(target, derivatives, mu, value, dtype, min_precision, newton_steps=
 
   eigvals, eigvecs = curvature(mu)
   for _ in range(newton_steps):
-    grad = grad_fn(tf.constant(mu, dtype))
+    grad = compiled.curvature(tf.constant(mu[None], dtype), tf.zeros([0, size], dtype))[0][0]
     candidate = mu + (eigvecs / eigvals) @ (eigvecs.T @ grad.numpy().astype(np.float64))
-    new_value = float(target(tf.constant(candidate[None], dtype))[0])
+    new_value = float(compiled.value(tf.constant(candidate[None], dtype))[0])
     if not np.isfinite(new_value) or new_value <= value:
       break
     mu, value = candidate, new_value
@@ -678,9 +717,10 @@ def laplace_low_rank(target, loc, rank=56, seed=0, num_power_iterations=1, chunk
     z = tf.reshape(z_flat, tf.concat([tf.shape(z_flat)[:-1], shape], 0))
     return target.log_prob_parts(z)[1]
 
-  base_hvp = tf.function(lambda z, v: _hessian_vector_products(base_log_prob, z, v))
-  likelihood_hvp = tf.function(lambda z, v: _hessian_vector_products(likelihood_log_prob, z, v),
-                               reduce_retracing=True)
+  base_hvp = tf.function(lambda z, v: _curvature(base_log_prob, z[tf.newaxis], v)[1][0])
+  likelihood_hvp = tf.function(
+      lambda z, v: _curvature(likelihood_log_prob, z[tf.newaxis], v)[1][0],
+      reduce_retracing=True)
   point = tf.constant(loc, dtype)
   base_precision = -base_hvp(point, tf.ones([1, size], dtype)).numpy()[0].astype(np.float64)
   if not np.all(base_precision > 0.):

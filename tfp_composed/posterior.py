@@ -43,7 +43,7 @@ _BASES = ("factorized", "mixture", "normal")
 # `importance_check`: largest log-weight at a start mode above q's largest draw, nats.
 MAX_MODE_GAP = 5.
 # Share of `fit(time_limit=...)` the mode search may take before `q` starts at the prior.
-_START_SHARE = 0.25
+_START_SHARE = 0.4
 # Share of `fit(time_limit=...)` kept for the importance check after training.
 _CHECK_SHARE = 0.05
 # First likelihood weight of the geometric annealing schedule.
@@ -813,7 +813,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
         check): after the start, the steps that fit the time left are planned from the
         measured step time (at most `num_steps`), and the annealing and learning-rate
         schedules are laid over the planned steps, so they finish in time. The mode search
-        may take `_START_SHARE` (25%) of the limit, past which `q` starts at the prior (and
+        may take `_START_SHARE` (40%) of the limit, past which `q` starts at the prior (and
         anneals); the L-BFGS start of large latents is not cut. `check_weights` is given
         `_CHECK_SHARE` (5%) of the limit.
       **kwargs: further options of `training.fit` (`steps_per_execution`,
