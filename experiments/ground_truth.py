@@ -578,6 +578,43 @@ def _overall(tables):
   return text
 
 
+# Methods that sample from or correct the composed fit; every other method is a baseline.
+FROM_THE_FIT = ("composed_sir", "neutra_hmc")
+
+
+def _cell(record, key):
+  """`value ± se` of a ranked record's score, or an empty cell."""
+  if record is None or _score(record, key) is None:
+    return ""
+  return _pm(record["scores"][key], record["scores"].get(key + "_stderr"))
+
+
+def comparison_table(by_problem):
+  """Markdown: per problem and budget, the composed posterior's KL and energy ratio next to
+  the best baseline's (lowest energy ratio; the lowest KL of the baselines with a density
+  beside it) and the best method drawing on the composed fit (`FROM_THE_FIT`)."""
+  rows = ["| problem | budget | composed: KL | energy ratio | best baseline | its energy ratio "
+          "| lowest baseline KL | best from the fit | its energy ratio |",
+          "|---|---|---|---|---|---|---|---|---|"]
+  for label, by_budget in by_problem.items():
+    for budget, records in by_budget.items():
+      composed = records.get("composed")
+      baselines = {m: r for m, r in records.items()
+                   if m != "composed" and m.split("[")[0] not in FROM_THE_FIT}
+      refined = {m: r for m, r in records.items() if m.split("[")[0] in FROM_THE_FIT}
+      best = _best(baselines, "energy_ratio")
+      best_kl = _best(baselines, "kl")
+      best_refined = _best(refined, "energy_ratio")
+      if composed is None and best is None:
+        continue
+      rows.append("| " + " | ".join([
+          label, f"{budget:g} s", _cell(composed, "kl"), _cell(composed, "energy_ratio"),
+          best or "", _cell(baselines.get(best), "energy_ratio"),
+          f"{best_kl}: {_cell(baselines[best_kl], 'kl')}" if best_kl else "",
+          best_refined or "", _cell(refined.get(best_refined), "energy_ratio")]) + " |")
+  return "\n".join(rows)
+
+
 def write_report(output_dir, report_path, *, seed, num_samples, command=None):
   """Writes the Markdown report from `<output_dir>/runs.jsonl`; returns its text."""
   all_lines = [l for l in read_lines(os.path.join(output_dir, RUNS_FILE))
@@ -639,6 +676,9 @@ def write_report(output_dir, report_path, *, seed, num_samples, command=None):
     summary += (f" Not run yet: {pending} cells of this grid (the session's command resumes "
                 "the run).")
   out += ["## Summary", "", summary, ""]
+  out += ["The composed posterior next to the best baseline (lowest energy ratio among the "
+          f"methods that do not use the composed fit) and the best of {', '.join(FROM_THE_FIT)} "
+          "(which refine that fit); ranked cells only:", "", comparison_table(by_problem), ""]
   not_applicable_methods = {}
   for l in all_lines:
     if l["status"] == "not_applicable":
