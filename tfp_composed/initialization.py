@@ -478,7 +478,7 @@ def _curvature(target, points, vectors):
     grad = _row_gradients(target, tf.concat([points, tiled], 0))
     gv = tf.reduce_sum(grad[n:] * tf.tile(vectors, [n, 1]))
   hv = outer.gradient(gv, tiled, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-  return grad[:n], tf.reshape(hv, [n, m, -1])
+  return grad[:n], tf.reshape(hv, [n, m, tf.shape(points)[1]])
 
 
 def _laplace(compiled, mu, value, dtype, min_precision, newton_steps=3, chunk=128):
