@@ -92,6 +92,32 @@ def test_an_exact_start_is_not_trained(linear_gaussian):
   assert not history.exact_start and len(history.history["loss"]) == 40
 
 
+def test_a_time_limit_without_num_steps_may_train_longer_than_the_default(linear_gaussian,
+                                                                           monkeypatch):
+  """With `time_limit` and the default `num_steps`, the loop may plan up to 4 x 2000 steps
+  (as many as fit in the time); without a limit, or with `num_steps` given, the count is
+  what it was. `training.fit` is replaced by a recorder: nothing is trained."""
+  lg = linear_gaussian
+  likelihood = tfc.likelihoods.Gaussian(tfc.operators.Linear(lg.A.astype(np.float32)), 0.1)
+  posterior = tfc.ComposedPosterior(lg.prior, likelihood, lg.y.astype(np.float32))
+  asked = []
+
+  class Recorded(Exception):
+    pass
+
+  def recorder(*args, num_steps, time_limit, **kwargs):
+    del args, kwargs
+    asked.append((num_steps, time_limit))
+    raise Recorded
+
+  monkeypatch.setattr(tfc.training, "fit", recorder)
+  for options in ({"time_limit": 30.}, {}, {"time_limit": 30., "num_steps": 100}):
+    with pytest.raises(Recorded):
+      posterior.fit(init=None, verbose=0, check_weights=False, **options)
+  assert [steps for steps, _ in asked] == [8000, 2000, 100]
+  assert asked[0][1] == 30. and asked[1][1] is None
+
+
 def test_hard_conditioning_approaches_gaussian_conditional():
   """`p(x2 | x1)` by a masked Gaussian likelihood whose scale shrinks."""
   lg = problems.LinearGaussian(dim=4, num_obs=2, noise=1., seed=3,

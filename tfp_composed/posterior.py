@@ -44,6 +44,9 @@ _BASES = ("factorized", "mixture", "normal")
 MAX_MODE_GAP = 5.
 # Share of `fit(time_limit=...)` the mode search may take before `q` starts at the prior.
 _START_SHARE = 0.4
+# `fit(time_limit=...)` without `num_steps` trains up to this many times the default steps,
+# as many as fit in the time.
+_TIME_LIMIT_STEPS = 4
 # Share of `fit(time_limit=...)` kept for the importance check after training.
 _CHECK_SHARE = 0.05
 # First likelihood weight of the geometric annealing schedule.
@@ -782,7 +785,9 @@ class ComposedPosterior(tfd.TransformedDistribution):
         importance-sampling gap `log mean w - mean log w` (a Monte Carlo estimate of
         KL(q || p)) is at most `EXACT_START_GAP` (0.01 nats) with a trustworthy k-hat, no
         step runs (`history.exact_start`; e.g. linear-Gaussian problems, whose Laplace start
-        is their posterior). Pass `num_steps` to train regardless.
+        is their posterior). Pass `num_steps` to train regardless. With `time_limit` the
+        default is `_TIME_LIMIT_STEPS` (4) times as many, of which as many run as fit in
+        the time: a budget is used, not left unspent after 2000 steps.
       batch_size: samples per step, split evenly over a mixture base's components;
         default 64 (large latents: 16).
       learning_rate: peak Adam learning rate (warm-up, then cosine decay); the factorized
@@ -832,7 +837,8 @@ class ComposedPosterior(tfd.TransformedDistribution):
     steps_given = num_steps is not None
     defaults = large_latent_defaults(self._latent_size) if large else {
         "num_steps": 2000, "batch_size": 64, "init": "laplace", "jit_compile": None}
-    num_steps = defaults["num_steps"] if num_steps is None else num_steps
+    if num_steps is None:  # A time limit is used: up to `_TIME_LIMIT_STEPS` x the default.
+      num_steps = defaults["num_steps"] * (1 if time_limit is None else _TIME_LIMIT_STEPS)
     batch_size = defaults["batch_size"] if batch_size is None else batch_size
     jit_compile = defaults["jit_compile"] if jit_compile is None else jit_compile
     if forward_weight is None:  # Measured on small and medium latents (mode coverage).
