@@ -90,7 +90,8 @@ def test_out_of_time_the_axes_stay_the_identity(turned_blocks, monkeypatch):
 def test_the_ascent_in_chunks_is_the_ascent_in_one_call():
   # The deadline is checked between compiled chunks of the ascent; chunking changes nothing.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  target = lambda z: -tf.reduce_sum((z - 1.)**2 * tf.constant([1., 100.]), axis=-1)
+  target = initialization._Compiled(  # pylint: disable=protected-access
+      lambda z: -tf.reduce_sum((z - 1.)**2 * tf.constant([1., 100.]), axis=-1), 2, tf.float32)
   starts = tf.constant(np.random.RandomState(0).randn(5, 2), tf.float32)
   whole = initialization._ascend(target, starts, 250, chunk=250)  # pylint: disable=protected-access
   parts = initialization._ascend(target, starts, 250, chunk=100)  # pylint: disable=protected-access

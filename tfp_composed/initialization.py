@@ -198,7 +198,6 @@ class _Compiled:
     rows = tf.TensorSpec([None, size], dtype)
     count = tf.TensorSpec([], tf.int32)
     scalar = tf.TensorSpec([], dtype)
-    self.size = size
     self.value = tf.function(flat_target, input_signature=[rows])
     self.curvature = tf.function(lambda z, v: _curvature(flat_target, z, v),
                                  input_signature=[rows, rows])
@@ -375,17 +374,15 @@ def _adam_steps(target, z, m, v, first, steps, num_steps, learning_rate):
   return z, m, v
 
 
-def _ascend(target, starts, num_steps, learning_rate=0.1, deadline=None, chunk=100):
-  """Batched Adam ascent of `target` from each row of `starts`: (positions, values).
+def _ascend(compiled, starts, num_steps, learning_rate=0.1, deadline=None, chunk=100):
+  """Batched Adam ascent of the target from each row of `starts`: (positions, values).
 
   Adam's per-coordinate step normalization copes with the stiff directions of
   near-hard constraints; the learning rate decays geometrically to 1% of its initial value.
   Each row is an independent optimization. The steps run in compiled chunks of `chunk`, and
-  a `deadline` is checked between them (`SearchTimeout`). `target`: a `_Compiled` or a flat
-  callable `[n, D] -> [n]`.
+  a `deadline` is checked between them (`SearchTimeout`). `compiled`: the target's
+  `_Compiled` functions.
   """
-  compiled = target if isinstance(target, _Compiled) else _Compiled(
-      target, int(starts.shape[-1]), starts.dtype)
   dtype = starts.dtype
   z, m, v = starts, tf.zeros_like(starts), tf.zeros_like(starts)
   for first in range(0, num_steps, chunk):
@@ -482,7 +479,8 @@ def _curvature(target, points, vectors):
 
 
 def _laplace(compiled, mu, value, dtype, min_precision, newton_steps=3, chunk=128):
-  """Laplace approximation at a (polished) mode of `target` near `mu`.
+  """Laplace approximation at a (polished) mode near `mu` of the target (`compiled`: its
+  `_Compiled` functions).
 
   Up to `newton_steps` damped Newton steps `mu <- mu + P^{-1} grad` refine `mu` (a step is
   kept only if it increases the target). Returns `(mu, value, P, P^{-1}, log det P^{-1})`,
