@@ -30,6 +30,7 @@ import tensorflow_probability as tfp
 
 from tfp_composed import checks
 from tfp_composed import initialization
+from tfp_composed import mixtures
 from tfp_composed import pregenerators as pregenerators_lib
 from tfp_composed import targets as targets_lib
 from tfp_composed.targets import validate_prior
@@ -1102,11 +1103,9 @@ class NegativeElbo:
 
 
 def _factorized_mixture(logits, locs, scales):
-  """`prod_d sum_k pi_dk N(eps_d; mu_dk, sigma_dk)`, implicitly reparameterized."""
-  return tfd.Independent(
-      tfd.MixtureSameFamily(tfd.Categorical(logits=logits), tfd.Normal(locs, scales),
-                            reparameterize=True),
-      reinterpreted_batch_ndims=1)
+  """`prod_d sum_k pi_dk N(eps_d; mu_dk, sigma_dk)`, implicitly reparameterized (gradients
+  computed only when taken: `mixtures.FactorizedNormalMixture`)."""
+  return mixtures.FactorizedNormalMixture(logits, locs, scales)
 
 
 class _OneStratum:
