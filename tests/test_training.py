@@ -476,3 +476,38 @@ def test_a_start_that_needs_no_training_ends_the_fit_before_its_first_step():
   history = tfc.training.fit(loss, [w], num_steps=40, verbose=0, convergence=None,
                              on_fresh_start=lambda: None)
   assert len(history.history["loss"]) == 40
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_fused_adam_is_tf_keras_adam_in_one_op(distributed):
+  devices = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
+  strategy = (tf.distribute.MirroredStrategy(devices) if distributed
+              else tf.distribute.get_strategy())
+  rng = np.random.RandomState(0)
+  start = [rng.randn(3, 4).astype(np.float32), rng.randn(5).astype(np.float32)]
+  gradients = [[rng.randn(*v.shape).astype(np.float32) for v in start] for _ in range(4)]
+  finals, op_counts = [], []
+  for optimizer_class in (tfc.training.FusedAdam, tf_keras.optimizers.Adam):
+    with strategy.scope():
+      variables = [tf.Variable(v) for v in start]
+      optimizer = optimizer_class(1e-2)
+      optimizer.build(variables)
+
+    @tf.function
+    def step(grads, rate, variables=variables, optimizer=optimizer):
+      optimizer.learning_rate = rate
+      strategy.run(lambda g: optimizer.apply_gradients(zip(g, variables),
+                                                       skip_gradients_aggregation=True),
+                   args=(grads,))
+
+    for i, grads in enumerate(gradients):  # A changing learning rate, as fit's schedule.
+      step([tf.constant(g) for g in grads], tf.constant(1e-2 / (i + 1)))
+    finals.append([v.numpy() for v in variables])
+    graph = step.get_concrete_function(
+        [tf.constant(g) for g in gradients[0]], tf.constant(1e-2)).graph
+    op_counts.append(sum(len(f.graph.get_operations()) for f in graph._functions.values()
+                         if hasattr(f, "graph")) + len(graph.get_operations()))
+  for ours, theirs in zip(*finals):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)  # float32 rounding.
+    assert np.abs(ours - start[0 if ours.ndim == 2 else 1]).max() > 1e-3  # It moved.
+  assert op_counts[0] < 0.7 * op_counts[1], op_counts

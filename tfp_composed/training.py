@@ -198,6 +198,32 @@ def _image_grid(images, cols):
   return tf.reshape(grid, [1, rows * h, cols * w, c])
 
 
+class FusedAdam(tf_keras.optimizers.Adam):
+  """`tf_keras.optimizers.Adam` whose dense update is TF's fused `ResourceApplyAdam` kernel.
+
+  The same update (`m += (g - m)(1 - b1)`, `v += (g^2 - v)(1 - b2)`,
+  `theta -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)`) and the same slot variables
+  (checkpoints are interchangeable), in one op per variable: off an accelerator tf_keras
+  applies it as about 37 unfused ops per variable, each a pass over the variable's memory.
+  Sparse gradients, AMSGrad and the adaptive epsilon keep tf_keras's update.
+  """
+
+  def update_step(self, gradient, variable):
+    if (isinstance(gradient, tf.IndexedSlices) or self.amsgrad
+        or getattr(self, "adaptive_epsilon", False)):
+      return super().update_step(gradient, variable)
+    dtype = variable.dtype
+    step = tf.cast(self.iterations + 1, dtype)
+    beta_1 = tf.cast(self.beta_1, dtype)
+    beta_2 = tf.cast(self.beta_2, dtype)
+    index = self._index_dict[self._var_key(variable)]
+    return tf.raw_ops.ResourceApplyAdam(
+        var=variable.handle, m=self._momentums[index].handle,
+        v=self._velocities[index].handle, beta1_power=tf.pow(beta_1, step),
+        beta2_power=tf.pow(beta_2, step), lr=tf.cast(self.learning_rate, dtype), beta1=beta_1,
+        beta2=beta_2, epsilon=tf.cast(self.epsilon, dtype), grad=gradient)
+
+
 class _Runner:
   """The compiled burst of one (loss, variables, strategy, jit_compile) and its state.
 
@@ -217,7 +243,7 @@ class _Runner:
       self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
       self.peak_learning_rate = tf.Variable(1e-3, dtype=tf.float32, trainable=False,
                                             name="peak_learning_rate")
-      self.optimizer = tf_keras.optimizers.Adam(1e-3)
+      self.optimizer = FusedAdam(1e-3)
       self.optimizer.build(list(variables))
     dtype = variables[0].dtype.base_dtype
     # The compiled function must not keep the loss object alive (the cache is keyed by it).
