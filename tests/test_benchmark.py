@@ -37,14 +37,18 @@ def test_run_problem_reports_every_figure():
   seconds = ["fit_step_seconds", "raw_step_seconds", "tfp_vi_step_seconds",
              "tfp_vi_graph_step_seconds", "posterior_samples_per_second",
              "prior_samples_per_second", "latent_samples_per_second", "fit_peak_rss_mb",
-             "process_maxrss_mb"]
+             "process_maxrss_mb", "ambient_vi_step_seconds", "fit_over_ambient_vi",
+             "fit_over_ambient_vi_cpu"]
   _check_positive_finite(figures, ratios + seconds)
+  # The ambient flow is the baseline's default RealNVP on x-space: parameters of its own.
+  assert figures["ambient_vi_parameters"] > figures["posterior_parameters"] > 0
   payload = benchmark.report({"tiny": figures}, ["tiny"], "python -m experiments.benchmark",
                              benchmark.machine_info())
   decoded = json.loads(json.dumps(payload))
   assert set(decoded["met"]["tiny"]) == set(benchmark.TARGETS)
   table = benchmark.format_table({"tiny": figures}, ["tiny"])
   assert "fit step / raw" in table
+  assert "fit step / ambient-VI step" in table
 
 
 def test_prior_training_throughput():

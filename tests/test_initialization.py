@@ -101,6 +101,47 @@ def test_the_ascent_in_chunks_is_the_ascent_in_one_call():
     initialization._ascend(target, starts, 250, deadline=0.)  # pylint: disable=protected-access
 
 
+class _Clock:
+  """A fake search clock: each compiled Adam chunk takes `per_step` seconds a step."""
+
+  def __init__(self, compiled, per_step):
+    self.time, self.calls = 0., 0
+    steps = compiled.adam_steps
+
+    def timed(z, m, v, first, count, *args):
+      self.calls += 1
+      self.time += per_step * int(count)
+      return steps(z, m, v, first, count, *args)
+
+    compiled.adam_steps = timed
+
+  def __call__(self):
+    return self.time
+
+
+def test_an_ascent_that_cannot_finish_stops_at_once(monkeypatch):
+  # 1000 steps at 10 ms a step need 10 s: with 5 s to the deadline the ascent gives up after
+  # the first chunk that did not trace, at 1 s (2 s when its first chunk traced), instead of
+  # climbing to the deadline; with 20 s it runs to the end.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  target = initialization._Compiled(  # pylint: disable=protected-access
+      lambda z: -tf.reduce_sum((z - 1.)**2, axis=-1), 2, tf.float32)
+  clock = _Clock(target, per_step=0.01)
+  monkeypatch.setattr(initialization, "_now", clock)
+  starts = tf.zeros([3, 2])
+  with pytest.raises(initialization.SearchTimeout, match="would pass its deadline"):
+    initialization._ascend(target, starts, 1000, deadline=5.)  # pylint: disable=protected-access
+  assert clock.calls == 2 and clock.time == pytest.approx(2.)  # The first chunk traced.
+  clock.time, clock.calls = 0., 0
+  with pytest.raises(initialization.SearchTimeout, match="would pass its deadline"):
+    initialization._ascend(target, starts, 1000, deadline=5.)  # pylint: disable=protected-access
+  assert clock.calls == 1 and clock.time == pytest.approx(1.)  # Traced before: one chunk.
+  clock.time, clock.calls = 0., 0
+  z, _ = initialization._ascend(target, starts, 1000, deadline=20.)  # pylint: disable=protected-access
+  assert clock.calls == 10
+  np.testing.assert_allclose(z, np.ones([3, 2]), atol=1e-2)
+
+
 def test_the_start_is_the_same_at_every_call_in_a_process(turned_blocks):
   # Its starting draws come from stateless seeds: a second search in the same process
   # (as in a test session or a grid of fits) finds the same end points as the first.

@@ -86,8 +86,13 @@ class SearchTimeout(RuntimeError):
   """`find_modes` passed its `deadline` before the search finished."""
 
 
+def _now():
+  """The search's clock (`time.perf_counter`), the clock of every `deadline`."""
+  return time.perf_counter()
+
+
 def _check_deadline(deadline, phase):
-  if deadline is not None and time.perf_counter() > deadline:
+  if deadline is not None and _now() > deadline:
     raise SearchTimeout(f"The mode search passed its deadline {phase}.")
 
 
@@ -111,7 +116,8 @@ def find_modes(target, num_components, seed=0, num_starts=None, num_steps=500, d
     num_steps: Adam steps of the ascent.
     deadline: optional `time.perf_counter()` time; the search raises `SearchTimeout` when it
       finds itself past it (checked every 100 ascent steps, every Newton step and before
-      each mode's Laplace fit).
+      each mode's Laplace fit), and during the ascent as soon as the remaining steps, at the
+      pace of its fastest compiled chunk that did not trace, would end past it.
 
   Returns:
     A `ModeMixture`.
@@ -195,6 +201,7 @@ class _Compiled:
   """
 
   def __init__(self, flat_target, size, dtype):
+    self.adam_traced = False  # Whether `adam_steps` has run (and so traced) once.
     rows = tf.TensorSpec([None, size], dtype)
     count = tf.TensorSpec([], tf.int32)
     scalar = tf.TensorSpec([], dtype)
@@ -380,16 +387,29 @@ def _ascend(compiled, starts, num_steps, learning_rate=0.1, deadline=None, chunk
   Adam's per-coordinate step normalization copes with the stiff directions of
   near-hard constraints; the learning rate decays geometrically to 1% of its initial value.
   Each row is an independent optimization. The steps run in compiled chunks of `chunk`, and
-  a `deadline` is checked between them (`SearchTimeout`). `compiled`: the target's
-  `_Compiled` functions.
+  a `deadline` is checked between them (`SearchTimeout`): past it, or as soon as the
+  remaining chunks at the pace of the fastest one so far that did not trace would end past
+  it, so that a search that cannot finish gives its time back at once instead of at the
+  deadline. `compiled`: the target's `_Compiled` functions.
   """
   dtype = starts.dtype
   z, m, v = starts, tf.zeros_like(starts), tf.zeros_like(starts)
+  pace = np.inf  # Seconds per step of the fastest chunk timed without tracing.
   for first in range(0, num_steps, chunk):
-    z, m, v = compiled.adam_steps(z, m, v, tf.constant(first),
-                                  tf.constant(min(chunk, num_steps - first)),
+    steps = min(chunk, num_steps - first)
+    traced, start = compiled.adam_traced, _now()
+    z, m, v = compiled.adam_steps(z, m, v, tf.constant(first), tf.constant(steps),
                                   tf.constant(num_steps, dtype), tf.constant(learning_rate, dtype))
+    compiled.adam_traced = True
     _check_deadline(deadline, "during the ascent")
+    if deadline is not None and traced:
+      z.numpy()  # The chunk's time is its execution's: wait for it.
+      pace = min(pace, (_now() - start) / steps)
+      remaining = num_steps - first - steps
+      if remaining and _now() + remaining * pace > deadline:
+        raise SearchTimeout(
+            f"The mode search would pass its deadline during the ascent: {remaining} steps "
+            f"left at {pace * 1e3:.3g} ms a step, {deadline - _now():.3g} s left.")
   return z, compiled.value(z)
 
 
