@@ -31,7 +31,7 @@ import tensorflow as tf
 import tfp_composed as tfc
 
 # name: (description, init: "map" | "map_100" | "map_scaled" | "map_shift" | "laplace" | None,
-#        fit kwargs beyond the defaults)
+#        fit kwargs beyond the defaults[, latent shape -> ComposedPosterior kwargs])
 SETTINGS = {
     "defaults": ("fit() defaults (MAP + low-rank Laplace start)", "map", {}),
     "map_laplace_scaled": ("MAP + low-rank Laplace, variances rescaled by ELBO",
@@ -52,6 +52,12 @@ SETTINGS = {
                    None, {"num_steps": 1540, "batch_size": 16}),
     "steps1410": ("fit() defaults, 1410 steps", "map", {"num_steps": 1410}),
     "map_iterations100": ("fit() defaults, 100 L-BFGS iterations", "map_100", {}),
+    "conv": ("fit() defaults with the conv pre-generator (4 checkerboard couplings, 32 "
+             "filters, full-rank affine stage)", "map", {},
+             lambda shape: {"pregenerator": tfc.pregenerators.conv(shape)}),
+    "mlp128": ("fit() defaults with the default RealNVP at 128 hidden units (256 by default)",
+               "map", {}, lambda shape: {"pregenerator": tfc.pregenerators.real_nvp(
+                   shape, hidden_units=(128, 128))}),
 }
 
 _SETTINGS = flags.DEFINE_list("settings", ["defaults", "prior_3000"],
@@ -98,9 +104,11 @@ def _clock():
 
 def run_setting(name, index, seed=0, data_dir=None):
   """Fits one setting on test image `index`; returns its row (a dict)."""
-  description, init, kwargs = SETTINGS[name]
+  description, init, kwargs, *posterior_options = SETTINGS[name]
   prior, likelihood, y, truth, observed = make_problem(index, seed=seed, data_dir=data_dir)
-  posterior = tfc.ComposedPosterior(prior, likelihood, y)
+  options = (posterior_options[0](prior.bijector.inverse_event_shape(prior.event_shape))
+             if posterior_options else {})
+  posterior = tfc.ComposedPosterior(prior, likelihood, y, **options)
   w0, c0 = _clock()
   if init == "map":
     posterior.initialize_map(seed=seed)
@@ -122,6 +130,7 @@ def run_setting(name, index, seed=0, data_dir=None):
   elbo, elbo_se, psnr = score(posterior, truth, observed)
   return {
       "setting": name, "description": description, "index": int(index),
+      "trainable_parameters": int(sum(np.prod(v.shape) for v in posterior.trainable_variables)),
       "num_steps": len(history.history["loss"]),
       "init_wall": w1 - w0, "init_cpu": c1 - c0, "train_wall": w2 - w1, "train_cpu": c2 - c1,
       "total_cpu_over_2": 0.5 * (c2 - c0), "elbo": elbo, "elbo_se": elbo_se, "psnr": psnr,

@@ -1,5 +1,7 @@
 """The large-latent path: L-BFGS MAP, low-rank Laplace, and `fit()`'s defaults above 256 dims."""
 
+import time
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -120,8 +122,10 @@ def test_fit_passes_the_large_latent_defaults_to_training(monkeypatch):
                                     pregenerator=tfc.pregenerators.affine([300]),
                                     num_components=1)
   calls = []
-  monkeypatch.setattr(posterior, "initialize_map", lambda seed: calls.append(("map", seed)))
-  monkeypatch.setattr(posterior, "initialize", lambda seed: calls.append(("laplace", seed)))
+  monkeypatch.setattr(posterior, "initialize_map",
+                      lambda seed, deadline: calls.append(("map", seed, deadline)))
+  monkeypatch.setattr(posterior, "initialize",
+                      lambda seed, deadline: calls.append(("laplace", seed, deadline)))
   seen = {}
 
   def fake_fit(objective, variables, num_steps, jit_compile, on_fresh_start, **kwargs):
@@ -133,11 +137,17 @@ def test_fit_passes_the_large_latent_defaults_to_training(monkeypatch):
   monkeypatch.setattr(tfc.training, "fit", fake_fit)
   posterior.fit(seed=3, verbose=0)
   assert seen == {"num_steps": 2000, "batch_size": 16, "jit_compile": False}
-  assert calls == [("map", 3)]
+  assert calls == [("map", 3, None)]
   posterior.fit(num_steps=7, batch_size=4, jit_compile=True, init="laplace", seed=1,
                 verbose=0)
   assert seen == {"num_steps": 7, "batch_size": 4, "jit_compile": True}
-  assert calls[-1] == ("laplace", 1)
+  assert calls[-1] == ("laplace", 1, None)
+  # Under a time limit the large-latent start gets a deadline: 40% of the limit.
+  before = time.perf_counter()
+  posterior.fit(init="map", time_limit=100., check_weights=False, seed=2, verbose=0)
+  name, seed, deadline = calls[-1]
+  assert (name, seed) == ("map", 2)
+  assert before + 39. < deadline < time.perf_counter() + 40.
 
 
 def test_fit_defaults_on_an_image_prior_improve_the_elbo_over_the_start(digits_problem,
@@ -151,3 +161,61 @@ def test_fit_defaults_on_an_image_prior_improve_the_elbo_over_the_start(digits_p
   assert len(history.history["loss"]) == 200
   end, se_end = _elbo(posterior)
   assert end > start + 10. * np.hypot(se_start, se_end), (start, end)
+
+
+def _rosenbrock(z):
+  """Batched Rosenbrock function and gradient: L-BFGS needs many iterations on it."""
+  with tf.GradientTape() as tape:
+    tape.watch(z)
+    value = tf.reduce_sum(100. * (z[:, 1:] - z[:, :-1]**2)**2 + (1. - z[:, :-1])**2, axis=-1)
+  return value, tape.gradient(value, z)
+
+
+class _TickingClock:
+  """A fake search clock that advances one second at every reading."""
+
+  def __init__(self):
+    self.time = 0.
+
+  def __call__(self):
+    self.time += 1.
+    return self.time
+
+
+_EXACT = dict(num_correction_pairs=10, f_relative_tolerance=0., tolerance=0., x_tolerance=0.)
+
+
+def test_lbfgs_in_chunks_is_one_lbfgs_call():
+  # Chunks resume L-BFGS's state: 30 iterations in chunks of 10 end where one call of 30 does.
+  starts = tf.constant(np.random.RandomState(0).randn(3, 6) * 0.5, tf.float64)
+  whole = tfp.optimizer.lbfgs_minimize(_rosenbrock, initial_position=starts,
+                                       max_iterations=30, **_EXACT)
+  assert int(whole.num_iterations) == 30  # Not converged: every chunk ran.
+  parts = tfc.initialization._lbfgs_in_chunks(  # pylint: disable=protected-access
+      _rosenbrock, starts, 30, _EXACT, deadline=time.perf_counter() + 600., chunk=10)
+  np.testing.assert_allclose(parts, whole.position, rtol=1e-10, atol=1e-10)
+
+
+def test_lbfgs_that_cannot_finish_stops_at_the_first_untraced_chunk(monkeypatch):
+  # Each clock reading takes a second: the second chunk (the first that did not trace) runs
+  # 10 iterations in 1 s, so the 180 left need 18 s; with 15 s to the deadline the search
+  # stops there (at 6 s), long before passing the deadline.
+  clock = _TickingClock()
+  monkeypatch.setattr(tfc.initialization, "_now", clock)
+  starts = tf.constant(np.random.RandomState(0).randn(3, 6) * 0.5, tf.float64)
+  with pytest.raises(tfc.initialization.SearchTimeout, match="180 L-BFGS iterations left"):
+    tfc.initialization._lbfgs_in_chunks(  # pylint: disable=protected-access
+        _rosenbrock, starts, 200, _EXACT, deadline=15., chunk=10)
+  assert clock.time < 15.
+
+
+def test_a_map_start_out_of_time_leaves_q_at_the_prior():
+  target, _, _ = _linear_gaussian(dim=300, num_obs=4)
+  posterior = tfc.ComposedPosterior(target.prior, target.likelihood, target.observation)
+  posterior.initialize_map(seed=0, deadline=0.)  # Passed before the first iteration.
+  assert posterior.modes_found is None and bool(posterior._from_prior.numpy())  # pylint: disable=protected-access
+  assert bool(posterior.initialized.numpy())
+  stage = tfc.pregenerators.find_affine_stage(posterior.pregenerator)
+  np.testing.assert_allclose(stage.shift.numpy(), np.zeros(300))
+  posterior.initialize_map(seed=0, deadline=time.perf_counter() + 600.)
+  assert posterior.modes_found == 1 and not bool(posterior._from_prior.numpy())  # pylint: disable=protected-access

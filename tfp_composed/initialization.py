@@ -628,7 +628,7 @@ def fit_laplace_scales(target, laplace, seed=0, num_samples=32,
 
 
 def find_map(target, num_starts=4, seed=0, max_iterations=200, start_scale=0.5,
-             tolerance=1e-5):
+             tolerance=1e-5, deadline=None, chunk=10):
   """Latent MAP `argmax_z log p_base(z) + log p(y | f(z))` by batched L-BFGS.
 
   `num_starts` starts (the first at the base's mean `0`, the others
@@ -644,6 +644,11 @@ def find_map(target, num_starts=4, seed=0, max_iterations=200, start_scale=0.5,
     max_iterations: L-BFGS iterations.
     start_scale: standard deviation of the random starts (the base's is 1).
     tolerance: relative tolerance on the objective for convergence.
+    deadline: optional `time.perf_counter()` time. The iterations then run in compiled
+      chunks of `chunk` (resuming L-BFGS's state, so the result is the same), and
+      `SearchTimeout` is raised past the deadline or as soon as the iterations left, at the
+      pace of the fastest chunk that did not trace, would end past it.
+    chunk: L-BFGS iterations per compiled call under a `deadline`.
 
   Returns:
     `(locs, values)`: `[num_starts, D]` optima and `[num_starts]` target values (NumPy,
@@ -672,15 +677,21 @@ def find_map(target, num_starts=4, seed=0, max_iterations=200, start_scale=0.5,
     grad = tf.where(finite[:, None] & tf.math.is_finite(grad), grad, tf.zeros_like(grad))
     return value, grad
 
+  options = dict(num_correction_pairs=10, f_relative_tolerance=tolerance, tolerance=0.,
+                 x_tolerance=0.)
+
   @tf.function
   def minimize(z):
     result = tfp.optimizer.lbfgs_minimize(
-        value_and_gradient, initial_position=z, max_iterations=max_iterations,
-        num_correction_pairs=10, f_relative_tolerance=tolerance, tolerance=0.,
-        x_tolerance=0.)
+        value_and_gradient, initial_position=z, max_iterations=max_iterations, **options)
     return result.position, -value_and_gradient(result.position)[0]
 
-  locs, values = minimize(starts)
+  if deadline is None:
+    locs, values = minimize(starts)
+  else:
+    locs = _lbfgs_in_chunks(value_and_gradient, starts, max_iterations, options, deadline,
+                            checks.positive_integer(chunk, "chunk"))
+    values = -value_and_gradient(locs)[0]
   locs, values = locs.numpy().astype(np.float64), values.numpy().astype(np.float64)
   values = np.where(np.isfinite(values), values, -np.inf)
   if not np.isfinite(values).any():
@@ -691,8 +702,42 @@ def find_map(target, num_starts=4, seed=0, max_iterations=200, start_scale=0.5,
   return locs[order], values[order]
 
 
+def _lbfgs_in_chunks(value_and_gradient, starts, max_iterations, options, deadline, chunk):
+  """`tfp.optimizer.lbfgs_minimize` from `starts`, `chunk` iterations per compiled call, each
+  resuming the last one's state, under `deadline` (see `find_map`): the final positions."""
+
+  @tf.function
+  def begin(z):  # The optimizer's state at the starts (no iteration).
+    return tfp.optimizer.lbfgs_minimize(value_and_gradient, initial_position=z,
+                                        max_iterations=0, **options)
+
+  @tf.function
+  def resume(state, limit):
+    return tfp.optimizer.lbfgs_minimize(value_and_gradient, initial_position=None,
+                                        previous_optimizer_results=state,
+                                        max_iterations=limit, **options)
+
+  state = begin(starts)
+  pace, traced, done = np.inf, False, 0  # Seconds per iteration of an untraced chunk.
+  while done < max_iterations and not bool(tf.reduce_all(state.converged | state.failed)):
+    _check_deadline(deadline, "during L-BFGS")
+    start = _now()
+    state = resume(state, tf.constant(min(done + chunk, max_iterations)))
+    count = int(state.num_iterations) - done
+    done += count
+    if traced and count:
+      pace = min(pace, (_now() - start) / count)
+    traced = True
+    left = max_iterations - done
+    if left and np.isfinite(pace) and _now() + left * pace > deadline:
+      raise SearchTimeout(
+          f"The MAP search would pass its deadline: {left} L-BFGS iterations left at "
+          f"{pace * 1e3:.3g} ms each, {deadline - _now():.3g} s left.")
+  return state.position
+
+
 def laplace_low_rank(target, loc, rank=56, seed=0, num_power_iterations=1, chunk=None,
-                     value=None):
+                     value=None, deadline=None):
   """Low-rank-plus-diagonal Laplace approximation at a mode `loc` of `target`.
 
   `-grad^2 log p_base(z*) = D` is diagonal (one Hessian-vector product with a vector of ones;
@@ -712,6 +757,8 @@ def laplace_low_rank(target, loc, rank=56, seed=0, num_power_iterations=1, chunk
     chunk: Hessian-vector products evaluated per call (memory); default all `rank + 8`
       at once. The last call is padded to the same size, so the products trace once.
     value: the target at `loc`, if known.
+    deadline: optional `time.perf_counter()` time, checked before each batch of
+      Hessian-vector products (`SearchTimeout`).
 
   Returns:
     A `LowRankLaplace`.
@@ -750,6 +797,7 @@ def laplace_low_rank(target, loc, rank=56, seed=0, num_power_iterations=1, chunk
   def whitened(vectors):  # M v for the columns v of `vectors` [D, n].
     out = []
     for i in range(0, vectors.shape[1], chunk):
+      _check_deadline(deadline, "during the low-rank Laplace fit")
       v = (vectors[:, i:i + chunk] * inv_root[:, None]).T
       n = v.shape[0]
       v = np.concatenate([v, np.zeros([chunk - n, size])], axis=0)  # One shape: one trace.

@@ -43,7 +43,8 @@ __all__ = ["BatchIndexError", "ComposedPosterior", "NegativeElbo", "condition", 
 _BASES = ("factorized", "mixture", "normal")
 # `importance_check`: largest log-weight at a start mode above q's largest draw, nats.
 MAX_MODE_GAP = 5.
-# Share of `fit(time_limit=...)` the mode search may take before `q` starts at the prior.
+# Share of `fit(time_limit=...)` the start (mode search or MAP) may take before `q` starts at
+# the prior.
 _START_SHARE = 0.4
 # `fit(time_limit=...)` without `num_steps` trains up to this many times the default steps,
 # as many as fit in the time.
@@ -618,15 +619,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
     except initialization.SearchTimeout:
       found = None
     if found is None:  # Out of time: the prior covers every mode; `fit` anneals from it.
-      self._reset_factorized_base()
-      stage = pregenerators_lib.find_affine_stage(self._pregenerator)
-      if stage is not None:
-        _set_stage(stage, np.zeros([size]), np.eye(size))
-      self._from_prior.assign(True)
-      self._initialized.assign(True)
-      self.modes_found = None
-      self.start_modes = None
-      return self
+      return self._start_at_prior()
     num_modes = found.num_modes
     points = found.locs if found.ascents is None else np.concatenate([found.locs, found.ascents])
     self.start_modes = points.reshape((-1,) + tuple(self.latent_event_shape))
@@ -694,6 +687,19 @@ class ComposedPosterior(tfd.TransformedDistribution):
     self.modes_found = num_modes
     return self
 
+  def _start_at_prior(self):
+    """`q` at the prior (identity `g`, near-standard base) for `fit` to anneal from: the start
+    of a search that ran out of time. Factorized base only. Returns `self`."""
+    self._reset_factorized_base()
+    stage = pregenerators_lib.find_affine_stage(self._pregenerator)
+    if stage is not None:
+      _set_stage(stage, np.zeros([self._latent_size]), np.eye(self._latent_size))
+    self._from_prior.assign(True)
+    self._initialized.assign(True)
+    self.modes_found = None
+    self.start_modes = None
+    return self
+
   def _reset_factorized_base(self, spread=_PRIOR_BASE_SPREAD):
     """The factorized base back at its near-standard-normal start."""
     locs, scale = _factorized_start(self._num_components, spread)
@@ -704,7 +710,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
 
   def initialize_map(self, num_starts=_LARGE_MAP_STARTS, seed=0,
                      max_iterations=_LARGE_MAP_ITERATIONS, rank=_LARGE_LAPLACE_RANK,
-                     fit_scales=False):
+                     fit_scales=False, deadline=None):
     """MAP + low-rank Laplace start for large latents (`fit`'s start above 256 dimensions).
 
     `tfc.initialization.find_map` climbs the latent target by L-BFGS from `num_starts`
@@ -717,11 +723,24 @@ class ComposedPosterior(tfd.TransformedDistribution):
     diagonal: `diag(Sigma)`). The base mixture's components stay at `N(0, I)` in the
     stage's whitened coordinates. Costs `(3 + num_starts * max_iterations)`-odd gradient
     batches instead of the `D` Hessian-vector products of `initialize`.
+
+    `deadline` (a `time.perf_counter()` time; factorized base only; `fit(time_limit=...)`
+    gives the start `_START_SHARE` of its limit): L-BFGS stops as soon as its measured pace
+    says it cannot finish by then, and the Laplace fit is checked before each batch of
+    Hessian-vector products; a start out of time leaves `q` at the prior (`modes_found`
+    None), which `fit` anneals from.
     """
-    found_locs, found_values = initialization.find_map(
-        self._target, num_starts=num_starts, seed=seed, max_iterations=max_iterations)
-    laplace = initialization.laplace_low_rank(self._target, found_locs[0], rank=rank,
-                                              seed=seed, value=found_values[0])
+    if self._base_kind != "factorized":
+      deadline = None
+    try:
+      found_locs, found_values = initialization.find_map(
+          self._target, num_starts=num_starts, seed=seed, max_iterations=max_iterations,
+          deadline=deadline)
+      laplace = initialization.laplace_low_rank(self._target, found_locs[0], rank=rank,
+                                                seed=seed, value=found_values[0],
+                                                deadline=deadline)
+    except initialization.SearchTimeout:
+      return self._start_at_prior()
     if fit_scales:
       laplace, _ = initialization.fit_laplace_scales(self._target, laplace, seed=seed)
     stage = pregenerators_lib.find_affine_stage(self._pregenerator)
@@ -820,8 +839,8 @@ class ComposedPosterior(tfd.TransformedDistribution):
         measured step time (at most `num_steps`), and the annealing and learning-rate
         schedules are laid over the planned steps, so they finish in time. The mode search
         may take `_START_SHARE` (40%) of the limit, past which `q` starts at the prior (and
-        anneals); an ascent whose measured pace says it cannot finish in that share stops at
-        once, giving the time to training; the L-BFGS start of large latents is not cut. `check_weights` is given
+        anneals); an ascent (or the L-BFGS of large latents) whose measured pace says it
+        cannot finish in that share stops at once, giving the time to training. `check_weights` is given
         `_CHECK_SHARE` (5%) of the limit.
       **kwargs: further options of `training.fit` (`steps_per_execution`,
         `checkpoint_every`, `max_bad_steps`, `clip_norm`, `steps_per_epoch`, `convergence`).
@@ -880,11 +899,11 @@ class ComposedPosterior(tfd.TransformedDistribution):
       if objective.annealed:
         objective.anneal_steps = max(1, round(anneal_steps * planned_steps / num_steps))
 
-    # Under a time limit the mode search may take `_START_SHARE` of it (then q starts at
-    # the prior); the L-BFGS start of large latents is one call and is not cut.
+    # Under a time limit the start (mode search, or the L-BFGS MAP and low-rank Laplace
+    # of large latents) may take `_START_SHARE` of it; out of time, q starts at the prior.
     start_deadline = (None if time_limit is None
                       else time.perf_counter() + _START_SHARE * time_limit)
-    start_options = {} if large else {"deadline": start_deadline}
+    start_options = {"deadline": start_deadline}
 
     start_check = {}  # The start's importance check and whether it found the start exact.
 
@@ -893,7 +912,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
       if init == "laplace" or (auto and defaults["init"] == "laplace"):
         self.initialize(seed=seed, **start_options)
       elif init == "map" or auto:
-        self.initialize_map(seed=seed)
+        self.initialize_map(seed=seed, **start_options)
       else:
         return False
       if large or steps_given or getattr(self, "modes_found", None) != 1:
