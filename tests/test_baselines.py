@@ -25,6 +25,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_probability as tfp
 
 import tfp_composed as tfc
 import problems
@@ -254,3 +255,26 @@ def test_mala_step_size_adapts_to_the_target_not_to_zero():
                              num_steps=400, seed=0, num_samples=256)
   assert 0.45 < result.info["acceptance"] < 0.7, result.info["acceptance"]
   assert result.info["step_size"] > 1e-3, result.info["step_size"]
+
+
+def test_ambient_flow_stays_in_an_image_priors_support():
+  # An image prior's density lives on its logit preprocessing's range (a box around [0, 1]):
+  # ambient VI's q ends in that map, so every draw has a finite prior density. A Gaussian with
+  # the same moments in x-space (no support map) puts draws where the density is zero.
+  from tfp_composed.baselines import ambient  # pylint: disable=g-import-not-at-top
+  prior = tfc.priors.glow([4, 4, 1], num_levels=1, num_steps=1, hidden_channels=4)
+  assert ambient.support_bijector(prior).name == "logit_preprocessing"
+  q, flow = ambient.ambient_flow(prior, seed=0)
+  assert not any(v is w for v in q.trainable_variables for w in prior.trainable_variables)
+  assert len(q.trainable_variables) == len(flow.trainable_variables)
+  inside = prior.log_prob(q.sample(512, seed=[1, 2])).numpy()
+  assert np.all(np.isfinite(inside))
+  free, _ = ambient.ambient_flow(prior, seed=0, support=tfp.bijectors.Identity())
+  outside = prior.log_prob(free.sample(512, seed=[1, 2])).numpy()
+  assert not np.all(np.isfinite(outside))
+  # Priors without the preprocessing keep x-space as it is.
+  plain = tfp.distributions.TransformedDistribution(
+      tfp.distributions.Sample(tfp.distributions.Normal(0., 1.), [3]), tfp.bijectors.Shift(1.))
+  assert isinstance(ambient.support_bijector(plain), tfp.bijectors.Identity)
+  with pytest.raises(TypeError, match="support"):
+    ambient.ambient_flow(plain, support="logit")

@@ -1,9 +1,14 @@
 """Ambient VI: a trainable flow fitted directly in x-space (the baseline of [1]).
 
-`q(x) = TransformedDistribution(N(0, I), h)` with a RealNVP `h` (`tfc.pregenerators.real_nvp`
-on the prior's event shape) whose final affine stage starts at the prior's sample mean and
-standard deviation (from `num_init_samples` prior draws; `f` is used for these draws only,
-never inside `h`). It minimizes
+`q(x) = TransformedDistribution(N(0, I), Chain([s, h]))` with a RealNVP `h`
+(`tfc.pregenerators.real_nvp` on the prior's event shape) and a fixed elementwise map `s` from
+`R^D` onto the prior's support (`support_bijector`: the logit preprocessing of the image priors
+of `tfc.priors`, whose density is zero outside a box around `[0, 1]^D`; the identity for other
+priors; `support=` overrides it), as one fits VI to any constrained density: without it most of
+an unconstrained `q`'s draws fall where `log p(x) = -inf`, and the fit learns nothing from them.
+`h`'s final affine stage starts at the mean and standard deviation of `s^{-1}` of
+`num_init_samples` prior draws; `f` is used for these draws only, never inside `q`. It
+minimizes
 
     -ELBO = E_{x ~ q}[ log q(x) - log p(x) - log p(y | x) ],
 
@@ -36,18 +41,40 @@ from tfp_composed.baselines import _core
 tfb = tfp.bijectors
 tfd = tfp.distributions
 
-__all__ = ["ambient_vi", "ambient_flow", "negative_elbo"]
+__all__ = ["ambient_vi", "ambient_flow", "negative_elbo", "support_bijector"]
 
 DEFAULT_NUM_STEPS = 2000
 _SAMPLING_RESERVE = 0.05
 
 
-def ambient_flow(prior, flow=None, num_init_samples=1000, seed=0, num_layers=4,
-                 hidden_units=None):
-  """`q(x)`: a RealNVP flow on the prior's event shape, affine start at the prior's moments.
+def support_bijector(prior):
+  """The fixed map from `R^D` onto the prior's support that ends ambient VI's `q`.
 
-  Returns `(distribution, flow)`.
+  A prior whose bijector is a `tfb.Chain` applying `tfc.data.logit_bijector` last (every image
+  prior of `tfc.priors`) has its density on that bijector's range: that bijector. Any other
+  prior: `tfb.Identity()`.
   """
+  bijector = prior.bijector
+  if isinstance(bijector, tfb.Composition) and bijector.bijectors:  # A tfb.Chain.
+    outer = bijector.bijectors[0]  # A Chain applies its first bijector last.
+    if outer.name == "logit_preprocessing" and not outer.trainable_variables:
+      return outer
+  return tfb.Identity()
+
+
+def ambient_flow(prior, flow=None, num_init_samples=1000, seed=0, num_layers=4,
+                 hidden_units=None, support=None):
+  """`q(x)`: a RealNVP flow on the prior's event shape ending in the prior's support map,
+  affine start at the moments of the prior's draws mapped back through it.
+
+  `support`: a fixed `tfb.Bijector` from `R^D` onto the prior's support (default
+  `support_bijector(prior)`). Returns `(distribution, flow)`; only `flow` is trainable.
+  """
+  if support is None:
+    support = support_bijector(prior)
+  elif not isinstance(support, tfb.Bijector):
+    raise TypeError(f"`support` must be a tfb.Bijector onto the prior's support, got "
+                    f"{type(support).__name__}.")
   event_shape = prior.event_shape
   size = int(np.prod(event_shape.as_list()))
   if flow is None:
@@ -59,13 +86,14 @@ def ambient_flow(prior, flow=None, num_init_samples=1000, seed=0, num_layers=4,
   stage = pregenerators.find_affine_stage(flow)
   if stage is not None:
     x = prior.sample(checks.positive_integer(num_init_samples, "num_init_samples"),
-                     seed=_core.stateless_seed(seed, 11)).numpy().reshape(-1, size)
+                     seed=_core.stateless_seed(seed, 11))
+    x = support.inverse(x).numpy().reshape(-1, size)
     x = x[np.all(np.isfinite(x), axis=1)].astype(np.float64)
     std = np.maximum(x.std(0), 1e-6)
     stage.set_gaussian(x.mean(0), np.diag(std**2))
   base = tfd.Sample(tfd.Normal(tf.zeros([], prior.dtype), tf.ones([], prior.dtype)),
                     event_shape)
-  return tfd.TransformedDistribution(base, flow), flow
+  return tfd.TransformedDistribution(base, tfb.Chain([support, flow])), flow
 
 
 def negative_elbo(q, prior, likelihood, y, batch_size, seed):
@@ -88,11 +116,13 @@ def negative_elbo(q, prior, likelihood, y, batch_size, seed):
 
 
 def ambient_vi(problem, *, clock, num_steps, seed, num_samples, batch_size=64,
-               learning_rate=1e-3, flow=None, num_init_samples=1000, verbose=0, **fit_options):
+               learning_rate=1e-3, flow=None, num_init_samples=1000, support=None, verbose=0,
+               **fit_options):
   """Ambient VI (see the module docstring). Options: `batch_size`, `learning_rate`, `flow`
-  (a bijector on x-space), `num_init_samples`, and `training.fit` arguments."""
+  (a bijector on x-space before the support map), `num_init_samples`, `support`, and
+  `training.fit` arguments."""
   batch_size = checks.positive_integer(batch_size, "batch_size")
-  q, flow = ambient_flow(problem.prior, flow, num_init_samples, seed)
+  q, flow = ambient_flow(problem.prior, flow, num_init_samples, seed, support=support)
   prior, likelihood, y = problem.prior, problem.likelihood, problem.observation
 
   def loss(step_seed, step, shard):
