@@ -38,6 +38,7 @@ Example:
 
   python -m experiments.benchmark --output_json=/tmp/benchmark.json
   python -m experiments.benchmark --problems=image --prior=mnist
+  python -m experiments.benchmark --device=/GPU:0   # after `pip install .[gpu]`
 """
 
 import contextlib
@@ -116,6 +117,10 @@ def define_flags():
   flags.DEFINE_integer("train_steps", 2, "Prior training steps per timed call (0 skips).")
   flags.DEFINE_bool("profile", False, "Also time the parts of the fit step (slower).")
   flags.DEFINE_string("output_json", None, "Write the figures to this JSON file.")
+  flags.DEFINE_string("device", None,
+                      "Device to run everything on, e.g. /GPU:0 or /CPU:0 (one of "
+                      "tf.config.list_logical_devices()); default: TensorFlow's placement, "
+                      "a GPU when one is visible.")
 
 
 TARGETS = {
@@ -776,9 +781,24 @@ def _git(*args):
     return ""
 
 
+def resolve_device(device):
+  """`device` (e.g. '/GPU:0', 'gpu:0') as the full name of a visible logical device, or None
+  for TensorFlow's own placement; a clear error naming the visible devices otherwise."""
+  if device is None or device == "":
+    return None
+  visible = [d.name for d in tf.config.list_logical_devices()]
+  wanted = device.strip().upper().lstrip("/")
+  for name in visible:
+    if name.upper().endswith("DEVICE:" + wanted):
+      return name
+  raise ValueError(f"`--device` must be one of the visible devices {visible} (or unset), got "
+                   f"{device!r}.")
+
+
 def machine_info():
   load = os.getloadavg()
   return {"cpu_count": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in load],
+          "logical_devices": [d.name for d in tf.config.list_logical_devices()],
           "python": platform.python_version(), "tensorflow": tf.__version__,
           "tensorflow_probability": tfp.__version__, "git_commit": _git("rev-parse", "HEAD"),
           "library_changes_not_committed": _git("status", "--porcelain", "--", "tfp_composed")}
@@ -836,10 +856,13 @@ def main(argv):
   tf.get_logger().setLevel("ERROR")
   problems = [p.strip() for p in FLAGS.problems]
   command = "python -m experiments.benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  device = resolve_device(FLAGS.device)
   start = time.perf_counter()
   info = machine_info()
-  results = benchmark(problems, log=_log_with_time(start),
-                      **{name: FLAGS[name].value for name in OPTIONS})
+  info["device"] = device or "default placement"
+  with tf.device(device) if device else contextlib.nullcontext():
+    results = benchmark(problems, log=_log_with_time(start),
+                        **{name: FLAGS[name].value for name in OPTIONS})
   info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
   info["total_seconds"] = time.perf_counter() - start
   print()
@@ -851,6 +874,7 @@ def main(argv):
   for p in problems:
     print(f"{p}: {results[p]['description']}; fit batch {results[p]['fit_batch_size']}, "
           f"throughput batch {results[p]['throughput_batch']}")
+  print(f"device: {info['device']}; visible: {', '.join(info['logical_devices'])}")
   print(f"load average (1, 5, 15 min) at start {info['load_average_1_5_15']}, at end "
         f"{info['load_average_end']} on {info['cpu_count']} CPUs; {info['total_seconds']:.0f} s")
   if FLAGS.output_json:

@@ -6,6 +6,8 @@ No timing assertions: the benchmark's numbers depend on the machine.
 import json
 import math
 
+import pytest
+
 from experiments import benchmark
 from tfp_composed import likelihoods
 from tfp_composed import operators
@@ -56,3 +58,11 @@ def test_prior_training_throughput():
   figures = benchmark.prior_training_throughput(prior.prior_config, batch_size=2, repeats=1,
                                                 steps=1)
   _check_positive_finite(figures, ["prior_train_step_seconds", "prior_train_images_per_second"])
+
+
+def test_device_flag_names_a_visible_device_or_fails_at_the_door():
+  assert benchmark.resolve_device(None) is None
+  assert benchmark.resolve_device("/CPU:0").endswith("device:CPU:0")
+  assert benchmark.resolve_device("cpu:0") == benchmark.resolve_device("/CPU:0")
+  with pytest.raises(ValueError, match=r"--device.*CPU:0.*'/TPU:7'"):
+    benchmark.resolve_device("/TPU:7")
