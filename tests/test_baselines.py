@@ -221,6 +221,30 @@ def test_pl_mcmc_on_a_curved_prior_matches_the_grid_posterior():
   assert cov_err < cov_bound, cov_err
 
 
+def test_pl_mcmc_starts_inside_the_priors_support():
+  # An image prior's density is zero below -0.0556 (its logit preprocessing): an observation
+  # of -0.1 there, as noise makes of black pixels, must not leave every chain at
+  # log pi = -inf, where no proposal is ever accepted and the draws are the start.
+  prior = tfc.priors.glow([4, 4, 1], num_levels=1, num_steps=1, hidden_channels=4)
+  mask = np.zeros([4, 4, 1], bool)
+  mask[:2] = True
+  likelihood = tfc.likelihoods.Gaussian(tfc.operators.Mask(mask), scale=0.05)
+  y = np.full([8], -0.1, np.float32)
+  problem = tfc.baselines._core.Problem(  # pylint: disable=protected-access
+      prior, likelihood, tf.constant(y), tfc.targets.LatentTarget(prior, likelihood, y))
+  from tfp_composed.baselines import pl_mcmc  # pylint: disable=g-import-not-at-top
+  target = pl_mcmc.ProjectedTarget(problem, np.full([8], 0.3))
+  z0 = prior.distribution.sample(16, seed=[1, 2])
+  assert not np.any(np.isfinite(target.log_prob(z0, tf.broadcast_to(y, [16, 8])).numpy()))
+  v0 = pl_mcmc.start_inside(target, z0, y, likelihood.operator)
+  assert np.all(np.isfinite(target.log_prob(z0, v0).numpy()))
+  assert np.all(v0.numpy() > -0.0556)  # Inside the support.
+  result = tfc.baselines.run("pl_mcmc", prior, likelihood, y, num_steps=300, num_samples=64,
+                             seed=0)
+  assert result.info["acceptance"] > 0.05
+  assert np.unique(result.x.reshape(64, -1), axis=0).shape[0] > 32  # The chains move.
+
+
 def test_pl_mcmc_rejects_an_operator_that_is_not_a_mask(gaussian):
   lg, _, _ = gaussian
   likelihood = tfc.likelihoods.Gaussian(

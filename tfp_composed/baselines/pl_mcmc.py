@@ -21,7 +21,9 @@ Stationary distribution: with `u = f(z)` the density of `(u, v)` is
 
 Transition: `tfp.mcmc.RandomWalkMetropolis` on `(z, v)` (Gaussian proposals, symmetric, so the
 Metropolis ratio is `pi(z', v') / pi(z, v)`), with proposal scales `(h, h * observed_ratio)`
-tuned by `tfp.mcmc.DualAveragingStepSizeAdaptation` to acceptance 0.234 during warm-up.
+tuned by `tfp.mcmc.DualAveragingStepSizeAdaptation` to acceptance 0.234 during warm-up. The
+chains start at base draws `z0` and at `v` nearest `y` with a finite density (`start_inside`:
+a noisy `y` can lie outside the prior's support).
 [1]'s proposal also mixes in occasional independent redraws from the base; here the chains
 are many (`num_chains`, default 64) and start from the prior's base instead. Defaults:
 `aux_scale` is the prior's standard deviation of the observed entries (from 1000 prior
@@ -46,7 +48,7 @@ from tfp_composed.baselines import mcmc as mcmc_lib
 
 tfd = tfp.distributions
 
-__all__ = ["pl_mcmc", "ProjectedTarget"]
+__all__ = ["pl_mcmc", "ProjectedTarget", "start_inside"]
 
 
 def check_mask_operator(likelihood):
@@ -87,6 +89,33 @@ class ProjectedTarget(tf.Module):
     return tf.where(tf.math.is_finite(value), value, tf.constant(-np.inf, value.dtype))
 
 
+# Blending weights of `start_inside`, smallest first.
+_START_BLENDS = (0., 1e-3, 1e-2, 0.03, 0.1, 0.3, 0.6, 1.)
+
+
+def start_inside(target, z0, y, operator):
+  """Initial observed values `v` `[chains, num_observed]`, nearest `y` with a finite `log pi`.
+
+  A noisy observation can leave the prior's support (an image prior's density is zero
+  outside a box around `[0, 1]`, and `y = x + noise` of a black pixel is often below it):
+  started at `v = y` every chain would sit at `log pi = -inf` and reject every proposal. Each
+  chain takes `v = (1 - t) y + t u_o`, with `u_o` the observed entries of its own `f(z0)` and
+  `t` the smallest of `_START_BLENDS` whose `log pi(z0, v)` is finite (1 when none is; the
+  start does not change the chains' stationary distribution).
+  """
+  u_o = operator(target.project(z0, tf.zeros([tf.shape(z0)[0], operator.num_observed],
+                                             z0.dtype))[1])
+  y = tf.cast(y, z0.dtype)
+  chosen = u_o
+  found = tf.zeros([tf.shape(z0)[0]], tf.bool)
+  for t in _START_BLENDS:
+    v = (1. - t) * y + t * u_o
+    ok = tf.math.is_finite(target.log_prob(z0, v)) & ~found
+    chosen = tf.where(ok[:, None], v, chosen)
+    found |= ok
+  return chosen
+
+
 def pl_mcmc(problem, *, clock, num_steps, seed, num_samples, num_chains=64, step_size=0.1,
             aux_scale=None, observed_ratio=None, target_accept=0.234, warmup_fraction=0.5,
             jit_compile=False):
@@ -120,7 +149,7 @@ def pl_mcmc(problem, *, clock, num_steps, seed, num_samples, num_chains=64, step
                                        tf.constant(h * observed_ratio, dtype)]),
       target_accept, dtype)
   z0 = problem.prior.distribution.sample(num_chains, seed=_core.stateless_seed(seed, 1))
-  v0 = tf.broadcast_to(problem.observation, [num_chains, operator.num_observed])
+  v0 = start_inside(target, z0, problem.observation, operator)
 
   def to_x(parts):
     z, v = parts
