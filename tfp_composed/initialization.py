@@ -96,6 +96,28 @@ def _check_deadline(deadline, phase):
     raise SearchTimeout(f"The mode search passed its deadline {phase}.")
 
 
+class _Pace:
+  """The pace of a search's compiled chunks against its `deadline`: the fastest seconds per
+  step of the chunks that did not trace, and `SearchTimeout` as soon as the steps left at that
+  pace would end past the deadline."""
+
+  def __init__(self, deadline):
+    self.deadline = deadline
+    self.seconds_per_step = np.inf
+
+  def record(self, start, steps, traced):
+    """A chunk of `steps` steps began at `start` (`_now()`); `traced`: it traced first."""
+    if not traced and steps:
+      self.seconds_per_step = min(self.seconds_per_step, (_now() - start) / steps)
+
+  def check(self, steps_left, what):
+    if (steps_left and np.isfinite(self.seconds_per_step)
+        and _now() + steps_left * self.seconds_per_step > self.deadline):
+      raise SearchTimeout(
+          f"The mode search would pass its deadline: {steps_left} {what} left at "
+          f"{self.seconds_per_step * 1e3:.3g} ms each, {self.deadline - _now():.3g} s left.")
+
+
 def find_modes(target, num_components, seed=0, num_starts=None, num_steps=500, deadline=None):
   """Multi-start mode search with Laplace approximations at the distinct modes.
 
@@ -394,22 +416,18 @@ def _ascend(compiled, starts, num_steps, learning_rate=0.1, deadline=None, chunk
   """
   dtype = starts.dtype
   z, m, v = starts, tf.zeros_like(starts), tf.zeros_like(starts)
-  pace = np.inf  # Seconds per step of the fastest chunk timed without tracing.
+  pace = _Pace(deadline)
   for first in range(0, num_steps, chunk):
     steps = min(chunk, num_steps - first)
-    traced, start = compiled.adam_traced, _now()
+    untraced, start = compiled.adam_traced, _now()
     z, m, v = compiled.adam_steps(z, m, v, tf.constant(first), tf.constant(steps),
                                   tf.constant(num_steps, dtype), tf.constant(learning_rate, dtype))
     compiled.adam_traced = True
     _check_deadline(deadline, "during the ascent")
-    if deadline is not None and traced:
+    if deadline is not None:
       z.numpy()  # The chunk's time is its execution's: wait for it.
-      pace = min(pace, (_now() - start) / steps)
-      remaining = num_steps - first - steps
-      if remaining and _now() + remaining * pace > deadline:
-        raise SearchTimeout(
-            f"The mode search would pass its deadline during the ascent: {remaining} steps "
-            f"left at {pace * 1e3:.3g} ms a step, {deadline - _now():.3g} s left.")
+      pace.record(start, steps, traced=not untraced)
+      pace.check(num_steps - first - steps, "ascent steps")
   return z, compiled.value(z)
 
 
@@ -718,21 +736,15 @@ def _lbfgs_in_chunks(value_and_gradient, starts, max_iterations, options, deadli
                                         max_iterations=limit, **options)
 
   state = begin(starts)
-  pace, traced, done = np.inf, False, 0  # Seconds per iteration of an untraced chunk.
+  pace, done = _Pace(deadline), 0
   while done < max_iterations and not bool(tf.reduce_all(state.converged | state.failed)):
     _check_deadline(deadline, "during L-BFGS")
     start = _now()
     state = resume(state, tf.constant(min(done + chunk, max_iterations)))
     count = int(state.num_iterations) - done
+    pace.record(start, count, traced=done == 0)  # `resume` traces on its first call.
     done += count
-    if traced and count:
-      pace = min(pace, (_now() - start) / count)
-    traced = True
-    left = max_iterations - done
-    if left and np.isfinite(pace) and _now() + left * pace > deadline:
-      raise SearchTimeout(
-          f"The MAP search would pass its deadline: {left} L-BFGS iterations left at "
-          f"{pace * 1e3:.3g} ms each, {deadline - _now():.3g} s left.")
+    pace.check(max_iterations - done, "L-BFGS iterations")
   return state.position
 
 
