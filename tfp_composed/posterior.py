@@ -840,8 +840,8 @@ class ComposedPosterior(tfd.TransformedDistribution):
         schedules are laid over the planned steps, so they finish in time. The mode search
         may take `_START_SHARE` (40%) of the limit, past which `q` starts at the prior (and
         anneals); an ascent (or the L-BFGS of large latents) whose measured pace says it
-        cannot finish in that share stops at once, giving the time to training. `check_weights` is given
-        `_CHECK_SHARE` (5%) of the limit.
+        cannot finish in that share stops at once, giving the time to training.
+        `check_weights` is given `_CHECK_SHARE` (5%) of the limit.
       **kwargs: further options of `training.fit` (`steps_per_execution`,
         `checkpoint_every`, `max_bad_steps`, `clip_norm`, `steps_per_epoch`, `convergence`).
 

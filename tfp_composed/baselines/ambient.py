@@ -8,8 +8,8 @@ priors; `support=` overrides it), as one fits VI to any constrained density: wit
 an unconstrained `q`'s draws fall where `log p(x) = -inf`, and the fit learns nothing from them.
 `h`'s final affine stage starts at the per-coordinate median and normal-consistent median
 absolute deviation of `s^{-1}` of `num_init_samples` prior draws (robust: a flow's draws are
-heavy-tailed, and their raw moments would put `q`'s draws where `s` saturates); `f` is used for these draws only, never inside `q`. It
-minimizes
+heavy-tailed, and on the MNIST prior a Gaussian with their raw moments put every draw where
+`f^{-1}` overflows); `f` is used for these draws only, never inside `q`. It minimizes
 
     -ELBO = E_{x ~ q}[ log q(x) - log p(x) - log p(y | x) ],
 
@@ -94,8 +94,8 @@ def ambient_flow(prior, flow=None, num_init_samples=1000, seed=0, num_layers=4,
     x = support.inverse(x).numpy().reshape(-1, size)
     x = x[np.all(np.isfinite(x), axis=1)].astype(np.float64)
     # Robust moments: a flow's draws are heavy-tailed (a few far latents), and a Gaussian
-    # with their raw standard deviation (up to 7.5 logits on MNIST) puts nearly every draw
-    # where the support map saturates and `log p(x)` is -inf.
+    # with their raw standard deviation (up to 7.5 logits on MNIST) put every draw where
+    # `f^{-1}` overflows and `log p(x)` is not finite.
     loc = np.median(x, axis=0)
     std = np.maximum(_MAD_TO_STD * np.median(np.abs(x - loc), axis=0), _MIN_INIT_STD)
     stage.set_gaussian(loc, np.diag(std**2))
