@@ -419,14 +419,14 @@ def _ascend(compiled, starts, num_steps, learning_rate=0.1, deadline=None, chunk
   pace = _Pace(deadline)
   for first in range(0, num_steps, chunk):
     steps = min(chunk, num_steps - first)
-    untraced, start = compiled.adam_traced, _now()
+    traced_before, start = compiled.adam_traced, _now()
     z, m, v = compiled.adam_steps(z, m, v, tf.constant(first), tf.constant(steps),
                                   tf.constant(num_steps, dtype), tf.constant(learning_rate, dtype))
     compiled.adam_traced = True
     _check_deadline(deadline, "during the ascent")
     if deadline is not None:
       z.numpy()  # The chunk's time is its execution's: wait for it.
-      pace.record(start, steps, traced=not untraced)
+      pace.record(start, steps, traced=not traced_before)
       pace.check(num_steps - first - steps, "ascent steps")
   return z, compiled.value(z)
 

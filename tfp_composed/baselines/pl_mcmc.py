@@ -113,6 +113,8 @@ def start_inside(target, z0, y, operator):
     ok = tf.math.is_finite(target.log_prob(z0, v)) & ~found
     chosen = tf.where(ok[:, None], v, chosen)
     found |= ok
+    if bool(tf.reduce_all(found)):  # Every chain has its start.
+      break
   return chosen
 
 
