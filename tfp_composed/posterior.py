@@ -464,14 +464,15 @@ class ComposedPosterior(tfd.TransformedDistribution):
 
     Where the prior's forward pass overflows (the latent target is `-inf` there), the
     log-likelihood of that draw is replaced by the lowest finite one among the evaluated
-    draws (a constant; pessimistic), so the term stays finite and the prior term's gradient
-    pulls such draws back. A likelihood that is NaN at a finite `x` leaves the term NaN (and
+    draws (a constant; pessimistic), so the term stays finite; `loss` adds a score-function
+    gradient that pushes `q`'s mass out of such latents (`_overflow_repulsion`). A likelihood that is NaN at a finite `x` leaves the term NaN (and
     `fit` skips the step).
     """
     return self._terms_and_latents(samples_per_component, seed, likelihood_weight, shard)[0]
 
   def _terms_and_latents(self, samples_per_component, seed, likelihood_weight=1., shard=None):
-    """`(negative_elbo_terms [n, K], z [n K] + latent_event_shape)`, rows in the same order."""
+    """`(negative_elbo_terms [n, K], z [n K] + latent_event_shape, overflow [n, K])`, rows
+    in the same order; `overflow`: where the prior's forward pass was not finite."""
     strata = self._component_distribution()
     base = self.distribution
     if self._base_kind == "factorized":
@@ -500,7 +501,8 @@ class ComposedPosterior(tfd.TransformedDistribution):
     log_likelihood = tf.where(overflow, worst, log_likelihood)
     weight = tf.cast(likelihood_weight, log_likelihood.dtype)
     terms = -fldj - log_prior - weight * log_likelihood
-    return log_base + tf.reshape(terms, [n, self._num_strata]), z
+    shape = [n, self._num_strata]
+    return log_base + tf.reshape(terms, shape), z, tf.reshape(overflow, shape)
 
   def loss(self, batch_size=64, seed=None, likelihood_weight=1., shard=None,
            forward_weight=0.):
@@ -542,9 +544,11 @@ class ComposedPosterior(tfd.TransformedDistribution):
       seed = tfp.random.sanitize_seed(None)
     num_shards = 1 if shard is None else shard[1]
     per_component = self.samples_per_component(batch_size, num_shards)
-    terms, z = self._terms_and_latents(per_component, seed, likelihood_weight, shard=shard)
+    terms, z, overflow = self._terms_and_latents(per_component, seed, likelihood_weight,
+                                                 shard=shard)
     log_weights = self.mixture_log_weights()
     value = tf.reduce_sum(tf.exp(log_weights) * tf.reduce_sum(terms, axis=0)) / per_component
+    value += self._overflow_repulsion(terms, z, overflow, log_weights, per_component)
     if isinstance(forward_weight, (int, float)) and forward_weight == 0:
       return value
     # Stratified draws: the draw of component k stands for mass w_k / n of q.
@@ -565,6 +569,37 @@ class ComposedPosterior(tfd.TransformedDistribution):
     forward = -tf.reduce_sum(normalized * log_q)
     lam = tf.cast(forward_weight, value.dtype)
     return value + lam * (forward - tf.stop_gradient(forward))
+
+  def _overflow_repulsion(self, terms, z, overflow, log_weights, per_component):
+    """A term of value 0 whose gradient lowers `q`'s density where the prior overflows.
+
+    A draw whose `f(z)` is not finite has an imputed, constant likelihood (see
+    `negative_elbo_terms`): no pathwise gradient moves `q` out of that region, and `q` came
+    to put 8 times the prior's share of its draws there (1.1 % against 0.14 %, the shipped
+    MNIST Glow, super-resolution). Those draws get a score-function gradient instead,
+
+        sum_i m_i c_i grad log q(stop_gradient(z_i)),   c_i = max(T_i - b, 0),
+
+    with `m_i` the mass a draw stands for, `T_i` its term and `b` the mass-weighted mean term
+    of the finite draws (stopped): it pushes `q`'s mass out in proportion to how much worse
+    the draw is than the batch. `log q` inverts `g` on the overflowing draws only, and only
+    in a batch that has one (`tf.cond`), so a batch without costs nothing extra.
+    """
+    mass = tf.exp(log_weights) / tf.cast(per_component, log_weights.dtype) * tf.ones_like(terms)
+    terms = tf.stop_gradient(terms)
+    finite = tf.logical_not(overflow)
+    baseline = (tf.reduce_sum(tf.where(finite, mass * terms, 0.)) /
+                tf.maximum(tf.reduce_sum(tf.where(finite, mass, 0.)), 1e-30))
+    coefficient = tf.reshape(tf.where(overflow, tf.nn.relu(terms - baseline) * mass, 0.), [-1])
+
+    def repulsion():
+      rows = tf.reshape(overflow, [-1])
+      z_out = tf.stop_gradient(tf.boolean_mask(z, rows))
+      log_q = self.latent_posterior.log_prob(z_out)
+      surrogate = tf.reduce_sum(tf.boolean_mask(coefficient, rows) * log_q)
+      return surrogate - tf.stop_gradient(surrogate)
+
+    return tf.cond(tf.reduce_any(overflow), repulsion, lambda: tf.zeros([], terms.dtype))
 
   def samples_per_component(self, batch_size, num_shards=1):
     """Draws per mixture component for `batch_size` samples: `ceil(batch_size / K)`, rounded
