@@ -52,6 +52,8 @@ SETTINGS = {
                    None, {"num_steps": 1540, "batch_size": 16}),
     "steps1410": ("fit() defaults, 1410 steps", "map", {"num_steps": 1410}),
     "map_iterations100": ("fit() defaults, 100 L-BFGS iterations", "map_100", {}),
+    "path_gradient": ("fit() defaults with path_gradient=True (sticking the landing)", "map",
+                      {"path_gradient": True}),
     "conv": ("fit() defaults with the conv pre-generator (4 checkerboard couplings, 32 "
              "filters, full-rank affine stage)", "map", {},
              lambda shape: {"pregenerator": tfc.pregenerators.conv(shape)}),

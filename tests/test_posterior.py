@@ -313,22 +313,31 @@ def test_latents_where_the_prior_overflows_do_not_stop_training():
   assert abs(np.std(x[:, 1]) - 1.) < 0.1
 
 
-def test_q_is_pushed_out_of_latents_where_the_prior_overflows():
-  # The posterior N(2.29, 0.29^2) of z1 cut at the prior's numerical edge |z1| < 2.5: the
-  # exact posterior puts no mass past it (24 % of the untruncated one lies there). The
-  # imputed likelihood there is constant, so without the score-function repulsion of the
-  # overflowing draws q kept 16-17 % of its mass past the edge (training seeds 0-2), with it
-  # 3-4 %. 20,000 draws: the Monte Carlo error of the fraction is below 0.003.
-  edge = 2.5
-  prior = tfd.TransformedDistribution(tfd.Sample(tfd.Normal(0., 1.), [2]),
-                                      _OverflowsBeyond(edge))
-  likelihood = tfc.likelihoods.Gaussian(tfc.operators.Mask([True, False]), scale=0.3)
-  posterior = tfc.ComposedPosterior(prior, likelihood, observation=np.float32([2.5]))
-  posterior.fit(seed=0, verbose=0, init=None)
-  x = posterior.sample(20000, seed=[0, 1]).numpy()
-  finite = np.all(np.isfinite(x), axis=-1)
-  assert 1. - finite.mean() < 0.08
-  # The finite draws follow the truncated posterior (mean error 0.01-0.02 either way).
-  m, s = 2.5 / 1.09, np.sqrt(0.09 / 1.09)
-  exact = tfd.TruncatedNormal(m, s, -edge, edge).mean().numpy()
-  assert abs(np.mean(x[finite, 0]) - exact) < 0.05, (np.mean(x[finite, 0]), exact)
+def test_path_gradient_vanishes_at_the_exact_posterior(linear_gaussian):
+  # At q = p(z | y) every draw has log q(z) - log p(z | y) = const, so the path ("sticking
+  # the landing") gradient of each draw is 0 up to float32 round-off, while the plain
+  # reparameterization gradient keeps the zero-mean score term's noise. The value is the
+  # same negative ELBO either way.
+  lg = linear_gaussian
+  likelihood = tfc.likelihoods.Gaussian(tfc.operators.Linear(lg.A.astype(np.float32)), 0.1)
+  posterior = tfc.ComposedPosterior(lg.prior, likelihood, lg.y.astype(np.float32),
+                                    pregenerator=tfc.pregenerators.affine([16]), base="normal")
+  posterior.initialize(seed=0)  # The Laplace start: exact for a linear-Gaussian problem.
+  norms, values = {}, {}
+  for path in (False, True):
+    with tf.GradientTape() as tape:
+      values[path] = posterior.loss(64, seed=[1, 2], path_gradient=path)
+    grads = tape.gradient(values[path], posterior.trainable_variables)
+    norms[path] = np.sqrt(sum(np.sum(g.numpy()**2) for g in grads if g is not None))
+  np.testing.assert_allclose(values[True].numpy(), values[False].numpy(), rtol=1e-6)
+  assert norms[False] > 1.
+  assert norms[True] < 1e-3 * norms[False], norms
+
+
+def test_path_gradient_must_be_a_bool(linear_gaussian):
+  lg = linear_gaussian
+  likelihood = tfc.likelihoods.Gaussian(tfc.operators.Linear(lg.A.astype(np.float32)), 0.1)
+  posterior = tfc.ComposedPosterior(lg.prior, likelihood, lg.y.astype(np.float32))
+  with pytest.raises(ValueError, match=r"`path_gradient` must be True or False, got 'yes'"):
+    posterior.fit(num_steps=5, path_gradient="yes", verbose=0)
+  assert not bool(posterior.initialized.numpy())  # Rejected before the start ran.

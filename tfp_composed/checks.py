@@ -10,8 +10,15 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["integer", "non_negative_integer", "positive_integer", "positive_number", "seed",
+__all__ = ["boolean", "integer", "non_negative_integer", "positive_integer", "positive_number", "seed",
            "stateless_seed"]
+
+
+def boolean(value, name):
+  """Returns `value` as a Python bool; rejects anything but `True`, `False` and NumPy bools."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+  return bool(value)
 
 
 def integer(value, name, minimum=None):
