@@ -10,8 +10,8 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["boolean", "integer", "non_negative_integer", "positive_integer", "positive_number", "seed",
-           "stateless_seed"]
+__all__ = ["boolean", "integer", "non_negative_integer", "positive_integer", "positive_number",
+           "seed", "stateless_seed"]
 
 
 def boolean(value, name):

@@ -791,8 +791,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
   def fit(self, num_steps=None, batch_size=None, learning_rate=1e-3, seed=0, callbacks=None,
           strategy=None, jit_compile=None, checkpoint_dir=None, verbose=1, init="auto",
           anneal_steps=None, forward_weight=None, path_gradient=False, check_weights=True,
-          log_dir=None,
-          image_every=None, time_limit=None, **kwargs):
+          log_dir=None, image_every=None, time_limit=None, **kwargs):
     """Fits the pre-generator and the base by minimizing `loss` with `training.fit`.
 
     The defaults minimize, at step `t`,
@@ -1107,7 +1106,7 @@ class NegativeElbo:
     self.schedule = schedule
     self.posterior = posterior
     self.forward_weight = checks.non_negative_number(forward_weight, "forward_weight")
-    self.path_gradient = bool(path_gradient)
+    self.path_gradient = checks.boolean(path_gradient, "path_gradient")
     self.batch_size = checks.positive_integer(batch_size, "batch_size")
     anneal_steps = checks.non_negative_integer(anneal_steps, "anneal_steps")
     self.annealed = anneal_steps > 0
