@@ -54,6 +54,9 @@ SETTINGS = {
     "map_iterations100": ("fit() defaults, 100 L-BFGS iterations", "map_100", {}),
     "path_gradient": ("fit() defaults with path_gradient=True (sticking the landing)", "map",
                       {"path_gradient": True}),
+    "steps1800": ("fit() defaults, 1800 steps", "map", {"num_steps": 1800}),
+    "path_gradient_steps1800": ("fit() defaults with path_gradient=True, 1800 steps", "map",
+                                {"path_gradient": True, "num_steps": 1800}),
     "conv": ("fit() defaults with the conv pre-generator (4 checkerboard couplings, 32 "
              "filters, full-rank affine stage)", "map", {},
              lambda shape: {"pregenerator": tfc.pregenerators.conv(shape)}),

@@ -108,8 +108,9 @@ def test_map_start_raises_the_latent_target_over_the_prior_start(digits_problem)
 
 def test_large_latent_defaults_are_the_documented_ones():
   assert posterior_lib.large_latent_defaults(784) == {
-      "num_steps": 1280, "batch_size": 16, "init": "map", "jit_compile": False}
-  assert posterior_lib.large_latent_defaults(3072)["num_steps"] == 330
+      "num_steps": 1660, "batch_size": 16, "init": "map", "jit_compile": False,
+      "path_gradient": True}
+  assert posterior_lib.large_latent_defaults(3072)["num_steps"] == 420
   assert posterior_lib.large_latent_defaults(300)["num_steps"] == 2000
   assert posterior_lib.large_latent_defaults(10**6)["num_steps"] == 200
   with pytest.raises(ValueError, match="-3"):
@@ -130,17 +131,22 @@ def test_fit_passes_the_large_latent_defaults_to_training(monkeypatch):
 
   def fake_fit(objective, variables, num_steps, jit_compile, on_fresh_start, **kwargs):
     del variables, kwargs
-    seen.update(num_steps=num_steps, batch_size=objective.batch_size, jit_compile=jit_compile)
+    seen.update(num_steps=num_steps, batch_size=objective.batch_size, jit_compile=jit_compile,
+                path_gradient=objective.path_gradient)
     on_fresh_start()
     return tfc.training.StepHistory()
 
   monkeypatch.setattr(tfc.training, "fit", fake_fit)
   posterior.fit(seed=3, verbose=0)
-  assert seen == {"num_steps": 2000, "batch_size": 16, "jit_compile": False}
+  assert seen == {"num_steps": 2000, "batch_size": 16, "jit_compile": False,
+                  "path_gradient": True}
   assert calls == [("map", 3, None)]
   posterior.fit(num_steps=7, batch_size=4, jit_compile=True, init="laplace", seed=1,
                 verbose=0)
-  assert seen == {"num_steps": 7, "batch_size": 4, "jit_compile": True}
+  assert seen == {"num_steps": 7, "batch_size": 4, "jit_compile": True,
+                  "path_gradient": True}
+  posterior.fit(num_steps=7, path_gradient=False, init=None, verbose=0)
+  assert not seen["path_gradient"]
   assert calls[-1] == ("laplace", 1, None)
   # Under a time limit the large-latent start gets a deadline: 40% of the limit.
   before = time.perf_counter()

@@ -105,9 +105,10 @@ def test_a_time_limit_without_num_steps_may_train_longer_than_the_default(linear
   class Recorded(Exception):
     pass
 
-  def recorder(*args, num_steps, time_limit, **kwargs):
+  def recorder(objective, *args, num_steps, time_limit, **kwargs):
     del args, kwargs
     asked.append((num_steps, time_limit))
+    assert not objective.path_gradient  # A large-latent default only (16 dimensions here).
     raise Recorded
 
   monkeypatch.setattr(tfc.training, "fit", recorder)
