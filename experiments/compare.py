@@ -44,6 +44,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from experiments import benchmark
 import tfp_composed as tfc
 
 _TASKS = flags.DEFINE_list("tasks", ["all"], "Task names (tfc.tasks.TASKS), or 'all'.")
@@ -89,6 +90,23 @@ COLUMNS = [
     ("seconds", "seconds", 1),
     ("num_nonfinite", "non-finite", 1),
 ]
+# The second table of a task: importance weights of the methods with a density, and cost.
+# A key `info.<name>` is read from the run's `info`.
+DENSITY_COST_COLUMNS = [
+    ("elbo", "ELBO", 1),
+    ("iw_bound", "IW bound on log p(y)", 1),
+    ("ess_fraction", "ESS / n", 3),
+    ("k_hat", "k-hat", 2),
+    ("info.num_parameters", "trainable parameters", 0),
+    ("peak_rss_mb", "peak RSS (MB)", 0),
+    ("rss_increase_mb", "RSS increase (MB)", 0),
+]
+
+
+def _value(record, key):
+  if key.startswith("info."):
+    return (record.get("info") or {}).get(key[len("info."):])
+  return record.get(key)
 
 
 # ---------------------------------------------------------------------------
@@ -199,19 +217,46 @@ def sample_file(output_dir, prior, task, method, budget, image):
                       f"{prior}__{task}__{method}__{budget:g}s__image{image}.npz")
 
 
+def log_joint(prior, likelihood, observation, samples, batch_size=250):
+  """`log p(x) + log p(y | x)` at each sample (`-inf` where a sample is not finite)."""
+  finite = tfc.metrics.finite_rows(samples)
+  out = np.full(len(samples), -np.inf)
+  x = samples[finite]
+  values = [np.asarray(prior.log_prob(chunk)) + np.asarray(likelihood.log_prob(observation, chunk))
+            for chunk in (x[i:i + batch_size] for i in range(0, len(x), batch_size))]
+  if values:
+    out[finite] = np.concatenate(values)
+  return out
+
+
 def run_one(prior, task, truth, observation, method, budget, seed, options):
-  """Runs `method` on one problem; returns (metrics and info dict, samples or None)."""
+  """Runs `method` on one problem; returns (metrics and info dict, samples or None).
+
+  The method's peak resident memory (`peak_rss_mb`: the process's RSS, sampled every 20 ms
+  while it runs, and `rss_increase_mb` over the RSS before it) is recorded; for methods with
+  a density the importance weights `p(x, y) / q(x)` of its samples (`tfc.metrics`) are scored
+  after the budget.
+  """
   start = time.time()
-  result = tfc.baselines.run(method, prior, task.likelihood, observation,
-                             budget_seconds=budget, seed=seed, **options)
+  rss = benchmark.PeakRSS(interval=0.02).start()
+  try:
+    result = tfc.baselines.run(method, prior, task.likelihood, observation,
+                               budget_seconds=budget, seed=seed, **options)
+  finally:
+    peak = rss.window_peak()
+    rss.stop()
   samples = _numpy(result.x).astype(np.float32)
   samples = samples.reshape((-1,) + task.image_shape)
   log_q = _numpy(result.log_prob)
   log_q_true = _log_q_true(result, truth) if log_q is not None else None
+  joint = (log_joint(prior, task.likelihood, observation, samples) if log_q is not None
+           else None)
   row = tfc.metrics.summarize(samples, truth, task, log_q=log_q, log_q_true=log_q_true,
-                              observation=observation)
+                              observation=observation, log_joint=joint)
   row["seconds"] = float(getattr(result, "seconds", time.time() - start))
   row["has_density"] = log_q is not None
+  row["peak_rss_mb"] = peak / 2**20
+  row["rss_increase_mb"] = (peak - rss.before) / 2**20
   row["info"] = _info_summary(result.info)
   return row, samples
 
@@ -280,6 +325,23 @@ def run_all(prior_name, task_names, methods, num_images, budgets, output_dir, se
 
 # ---------------------------------------------------------------------------
 # The report.
+
+
+def _table(records, methods, budgets, columns):
+  """Markdown lines of one table: a row per (method, budget) with finished runs."""
+  header = ["method", "budget (s)", "images"] + [h for _, h, _ in columns]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for method in methods:
+    for budget in budgets:
+      good = [r for r in records if r["method"] == method and
+              float(r["budget_seconds"]) == budget and "error" not in r]
+      if not good:
+        continue
+      cells = [method, f"{budget:g}", str(len(good))]
+      for key, _, decimals in columns:
+        cells.append(_format(*_mean_spread([_value(r, key) for r in good])[:2], decimals))
+      lines.append("| " + " | ".join(cells) + " |")
+  return lines + [""]
 
 
 def _mean_spread(values):
@@ -447,25 +509,17 @@ def write_report(output_dir, results_md):
       lines += [f"### `{task_name}`", "", task.description + (
           f" Residual of the truth: {_format(*residual_true[:2], 2)}." if residual_true[0]
           is not None else ""), ""]
-      header = ["method", "budget (s)", "images"] + [h for _, h, _ in COLUMNS]
-      lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-      errors = []
-      for method in methods:
-        for budget in budgets:
-          chosen = [r for r in task_records if r["method"] == method and
-                    float(r["budget_seconds"]) == budget]
-          if not chosen:
-            continue
-          good = [r for r in chosen if "error" not in r]
-          errors += [f"{method}, {budget:g} s, image {r['image']}: {r['error']}"
-                     for r in chosen if "error" in r]
-          if not good:
-            continue
-          cells = [method, f"{budget:g}", str(len(good))]
-          for key, _, decimals in COLUMNS:
-            cells.append(_format(*_mean_spread([r.get(key) for r in good])[:2], decimals))
-          lines.append("| " + " | ".join(cells) + " |")
-      lines.append("")
+      errors = [f"{r['method']}, {float(r['budget_seconds']):g} s, image {r['image']}: "
+                f"{r['error']}" for method in methods for budget in budgets
+                for r in task_records if r["method"] == method and
+                float(r["budget_seconds"]) == budget and "error" in r]
+      lines += _table(task_records, methods, budgets, COLUMNS)
+      lines += ["Importance weights `p(x, y) / q(x)` of the samples of methods with a density "
+                "(ELBO, the importance-weighted bound on log p(y), ESS / n, PSIS k-hat), and "
+                "cost (trainable parameters, the process's peak RSS during the run and its "
+                "increase over the RSS before it); `–`: not applicable or not recorded (runs "
+                "before these columns existed).", ""]
+      lines += _table(task_records, methods, budgets, DENSITY_COST_COLUMNS)
       if errors:
         lines += ["Failed runs:", ""] + [f"- {e}" for e in errors[:20]]
         if len(errors) > 20:

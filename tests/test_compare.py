@@ -44,8 +44,10 @@ def test_report_tables_are_means_and_standard_deviations(tmp_path):
   results_md = str(tmp_path / "RESULTS.md")
   text = compare.write_report(output_dir, results_md)
   assert open(results_md).read() == text
-  rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()
-          if line.startswith("| composed") or line.startswith("| map")}
+  rows = {}  # The first table's row of each method (the second table has one too).
+  for line in text.splitlines():
+    if line.startswith("| composed") or line.startswith("| map"):
+      rows.setdefault(line.split(" | ")[0].strip("| "), line)
   # composed: PSNR (10, 12) -> 11.00 +- sqrt(2) (sample std); ranks (0.25, 0.75) -> 0.50 +- 0.35.
   assert "| 11.00 ± 1.41 |" in rows["composed"] and "| 0.50 ± 0.35 |" in rows["composed"]
   assert rows["map"].startswith("| map | 5 | 1 | 11.00 |")  # The failed image is left out...
@@ -127,8 +129,16 @@ def test_end_to_end_run_then_resume(tmp_path):
     assert r["num_samples"] - r["num_nonfinite"] >= 2 and np.isfinite(r["psnr_mean"])
   composed = next(r for r in records if r["method"] == "composed")
   assert composed["has_density"] and composed["log_q_rank"] is not None
+  # Importance weights of the samples (a density) and the cost of every run.
+  assert composed["elbo"] <= composed["iw_bound"] and 0. < composed["ess_fraction"] <= 1.
+  assert np.isfinite(composed["k_hat"]) and composed["info"]["num_parameters"] > 0
+  ula = next(r for r in records if r["method"] == "ula")
+  assert ula["elbo"] is None and ula["k_hat"] is None
+  for r in records:
+    assert r["peak_rss_mb"] > 100. and 0. <= r["rss_increase_mb"] < r["peak_rss_mb"]
   text = open(results_md).read()
   assert "### `inpaint_lower_half`" in text and "| composed | 3 | 1 |" in text
+  assert "| IW bound on log p(y) |" in text
   assert os.path.exists(os.path.join(output_dir, "figures",
                                      "digits8x8__inpaint_lower_half__samples.png"))
   with flagsaver.flagsaver():  # Resumed: no new line, the file unchanged.

@@ -36,17 +36,23 @@ row["psnr_mean"], row["coverage_90"], row["log_q_rank"]
 ```
 """
 
+import math
+
 import numpy as np
 import tensorflow as tf
+
+from tfp_composed import diagnostics
 
 __all__ = [
     "BEST_OF_K",
     "COVERAGE_LEVELS",
+    "IMPORTANCE_KEYS",
     "best_of_k",
     "central_interval",
     "coverage",
     "diversity",
     "finite_rows",
+    "importance_summary",
     "log_prob_rank",
     "normalized_residual",
     "posterior_std",
@@ -219,8 +225,33 @@ def _level_key(level):
   return f"coverage_{int(round(100 * level))}"
 
 
+IMPORTANCE_KEYS = ("elbo", "iw_bound", "ess_fraction", "k_hat")
+
+
+def importance_summary(log_joint, log_q, finite=None):
+  """`{elbo, iw_bound, ess_fraction, k_hat}` of the weights `exp(log_joint - log_q)`.
+
+  Rows where `finite` is False (a sample that is not finite) or `log_joint` is not finite
+  are zero weights; rows with a non-finite `log_q` are left out. All None without a finite
+  weight.
+  """
+  log_joint = np.asarray(log_joint, np.float64).ravel()
+  log_q = np.asarray(log_q.numpy() if tf.is_tensor(log_q) else log_q, np.float64).ravel()
+  if log_joint.shape != log_q.shape:
+    raise ValueError(f"`log_joint` must hold one value per sample ({log_q.shape[0]}), got "
+                     f"{log_joint.shape[0]}.")
+  keep = np.ones(log_q.shape, bool) if finite is None else np.asarray(finite, bool)
+  zero = ~keep | ~np.isfinite(log_joint)
+  log_w = np.where(zero, -np.inf, log_joint - np.where(zero, 0., log_q))[np.isfinite(log_q)]
+  if log_w.size < 2 or not np.isfinite(log_w).any():
+    return {key: None for key in IMPORTANCE_KEYS}
+  d = diagnostics.importance_diagnostics(log_w)
+  return {"elbo": d.elbo, "iw_bound": d.iw_bound, "ess_fraction": d.ess_fraction,
+          "k_hat": d.k_hat if math.isfinite(d.k_hat) else None}
+
+
 def summarize(samples, x_true, task, log_q=None, log_q_true=None, observation=None,
-              k=BEST_OF_K, levels=COVERAGE_LEVELS):
+              k=BEST_OF_K, levels=COVERAGE_LEVELS, log_joint=None):
   """Every metric of one method on one problem, as a flat dict of numbers (or `None`).
 
   Args:
@@ -232,12 +263,16 @@ def summarize(samples, x_true, task, log_q=None, log_q_true=None, observation=No
     observation: optional `y`; gives the normalized residuals.
     k: best-of-`k` for `psnr_best_of_<k>` and `ssim_best_of_<k>`.
     levels: nominal levels of the `coverage_<100 level>` entries.
+    log_joint: optional `[n]` values of `log p(x_i) + log p(y | x_i)` at the samples; with
+      `log_q`, the importance weights `w_i = p(x_i, y) / q(x_i)` give `elbo`, `iw_bound` (on
+      `log p(y)`), `ess_fraction` and `k_hat` (`tfc.diagnostics.importance_diagnostics`;
+      a non-finite sample or joint is a zero weight, a non-finite `log_q` is left out).
 
   Returns:
     dict: `num_samples`, `num_nonfinite`, `psnr_mean`, `ssim_mean`, `mse_mean_unobserved`,
     `psnr_best_of_<k>`, `ssim_best_of_<k>`, `coverage_<l>` for each level, `log_q_rank`,
     `residual_of_mean`, `residual_median`, `residual_true`, `std_mean`, `std_unobserved`,
-    `diversity`. Entries that need what is missing (a density, an observation, two finite
+    `diversity`, `elbo`, `iw_bound`, `ess_fraction`, `k_hat`. Entries that need what is missing (a density, an observation, two finite
     samples) are `None`.
   """
   k = _positive_int(k, "k")
@@ -250,8 +285,10 @@ def summarize(samples, x_true, task, log_q=None, log_q_true=None, observation=No
   names = (["psnr_mean", "ssim_mean", "mse_mean_unobserved", f"psnr_best_of_{k}",
             f"ssim_best_of_{k}"] + [_level_key(level) for level in levels] +
            ["log_q_rank", "residual_of_mean", "residual_median", "residual_true", "std_mean",
-            "std_unobserved", "diversity"])
+            "std_unobserved", "diversity"] + list(IMPORTANCE_KEYS))
   out.update({name: None for name in names})
+  if log_q is not None and log_joint is not None:
+    out.update(importance_summary(log_joint, log_q, finite))
   unobserved = task.unobserved_mask
   if observation is not None:
     out["residual_true"] = float(normalized_residual(task.likelihood, observation,
