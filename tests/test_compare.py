@@ -151,3 +151,21 @@ def test_end_to_end_run_then_resume(tmp_path):
     flags.FLAGS(argv + ["--report_only"])
     compare.main(["compare"])
   assert open(results_md).read() == text
+
+
+def test_summary_compares_on_common_images_and_names_what_fails():
+  records = [
+      _record(0, "composed", 20., psnr_best_of_16=19., coverage_90=0.92),
+      _record(1, "composed", 10., psnr_best_of_16=9., coverage_90=0.80),
+      _record(0, "mala", 18., psnr_best_of_16=19.5, coverage_90=0.9),
+      _record(1, "mala", None, error="FloatingPointError"),  # Image 1: composed vs map only...
+      _record(0, "map", 17., psnr_best_of_16=18.),
+      _record(1, "map", 30., psnr_best_of_16=30.),           # ...so it is left out.
+  ]
+  lines = compare.summary_table(records, ["inpaint_lower_half"], ["composed", "mala", "map"],
+                                [5.0])
+  assert lines[2] == ("| `inpaint_lower_half` | 5 | 1 | composed 20.00 | mala 19.50 | "
+                      "20.00 / 19.00 / 0.920 | no: best of 16 below mala, below mala |")
+  good = [dict(r, psnr_best_of_16=25.) if r["method"] == "composed" else r for r in records]
+  assert compare.summary_table(good, ["inpaint_lower_half"], ["composed", "mala", "map"],
+                               [5.0])[2].endswith("| yes |")
