@@ -558,8 +558,7 @@ def write_report(output_dir, results_md):
               "Summary (means over the images that every method of the cell finished; the "
               "issue's goal: composed best in PSNR best of 16, 90 % coverage within 0.05, never "
               "below Langevin or PL-MCMC):", ""]
-    lines += summary_table(prior_records, _order([r["task"] for r in prior_records], task_order),
-                           methods, budgets)
+    lines += summary_table(prior_records, task_names, methods, budgets)
     for task_name in task_names:
       task = tfc.tasks.get(task_name, image_shape=shape,
                            seed=int(prior_records[0]["seed"]))
