@@ -212,7 +212,8 @@ def test_importance_summary_of_log_normal_weights_matches_the_closed_forms():
   log_q = np.random.default_rng(1).normal(size=n)  # Any q: only the difference matters.
   out = metrics.importance_summary(log_w + log_q, log_q)
   assert out["elbo"] == pytest.approx(c, abs=5 * s / np.sqrt(n))
-  assert out["iw_bound"] == pytest.approx(c + s**2 / 2, abs=5 * np.sqrt(np.exp(s**2) - 1) / np.sqrt(n))
+  assert out["iw_bound"] == pytest.approx(c + s**2 / 2,
+                                          abs=5 * np.sqrt(np.exp(s**2) - 1) / np.sqrt(n))
   assert out["ess_fraction"] == pytest.approx(np.exp(-s**2), abs=0.005)
   assert out["k_hat"] < 0.5  # Log-normal weights have every moment.
   # q = N(0, 1) under a target N(0, 3^2): w ~ exp(4 x^2 / 9) has tail index 9 / 8, so the

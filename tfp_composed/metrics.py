@@ -272,8 +272,8 @@ def summarize(samples, x_true, task, log_q=None, log_q_true=None, observation=No
     dict: `num_samples`, `num_nonfinite`, `psnr_mean`, `ssim_mean`, `mse_mean_unobserved`,
     `psnr_best_of_<k>`, `ssim_best_of_<k>`, `coverage_<l>` for each level, `log_q_rank`,
     `residual_of_mean`, `residual_median`, `residual_true`, `std_mean`, `std_unobserved`,
-    `diversity`, `elbo`, `iw_bound`, `ess_fraction`, `k_hat`. Entries that need what is missing (a density, an observation, two finite
-    samples) are `None`.
+    `diversity`, `elbo`, `iw_bound`, `ess_fraction`, `k_hat`. Entries that need what is missing
+    (a density, an observation, two finite samples) are `None`.
   """
   k = _positive_int(k, "k")
   levels = tuple(_check_level(level) for level in levels)

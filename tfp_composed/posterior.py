@@ -77,19 +77,19 @@ _MODE_AXES_MAX_DIM = 64
 
 # ---- Large latents (images): defaults of `fit` above this many latent dimensions. ----------
 # Measured on the shipped MNIST Glow prior (784 dimensions; `experiments/image_defaults.py`,
-# results/image_defaults.md): a MAP + low-rank Laplace start, batches of 16, the path
-# gradient and `_LARGE_SAMPLE_DIMS / latent_size` steps take under 2 minutes on 2 cores and
-# end above 3000 steps from the prior (which take 3.5 minutes) on test images 0 and 1. The
-# path gradient ("sticking the landing") added 3.5 and 7.8 nats at 1280 steps on images 0
-# and 1 (5.0 at 1800 steps), for about 10 % more time per step; 1800 steps instead of 1280
-# added 9 nats. (On the ground-truth problems, 16-64 dimensions, it gained nothing under
-# fit's 60 s budget, nonlinear_blocks KL 0.194 +- 0.015 against 0.184 +- 0.013: off below
-# this size.)
-# Learning rates 5e-4 and 1e-3 ended within a nat of each other (3e-3: 11 lower), 1410 steps
-# and 100 L-BFGS iterations no higher, 2560 steps of 8 1.6 higher for 1.5 times the CPU, a
-# prior start with the same budget 12 lower. A second L-BFGS start (0.5 N(0, I)) ended 2500
-# nats below the one from 0 (image 0): one start. XLA compiled 2.6x slower and ran each step
-# 1.4x slower there: it stays off.
+# results/image_defaults.md): a MAP + low-rank Laplace start, batches of 16, the path gradient and
+# `_LARGE_SAMPLE_DIMS / latent_size` steps take under 2 minutes on 2 cores and end level with 3000
+# steps from the prior (which take 3.5 minutes) on test image 0 (-0.6 +- 1.4 nats) and 8.3 nats
+# above them on image 1. The path gradient ("sticking the landing") added 3.5 and 7.8 nats at 1280
+# steps on images 0 and 1 (5.0 at 1800 steps), for 9-22 % more time per step; 1800 steps instead
+# of 1280 added 9 nats. (On the ground-truth problems, 16-64 dimensions, it gained nothing under
+# fit's 60 s budget, nonlinear_blocks KL 0.194 +- 0.015 against 0.184 +- 0.013: off below this
+# size.)
+# Earlier (1280 steps, no path gradient): learning rates 5e-4 and 1e-3 ended within a nat of each
+# other (3e-3: 11 lower), 1410 steps and 100 L-BFGS iterations no higher, 2560 steps of 8 1.6
+# higher for 1.5 times the CPU, a prior start with the same budget 12 lower. A second L-BFGS start
+# (0.5 N(0, I)) ended 2500 nats below the one from 0 (image 0): one start. XLA compiled 2.6x
+# slower and ran each step 1.4x slower there: it stays off.
 LARGE_LATENT_SIZE = 256
 _LARGE_BATCH_SIZE = 16
 _LARGE_SAMPLE_DIMS = 1.3e6  # steps * latent size: the cost of a step grows with the latent.
@@ -105,8 +105,9 @@ def large_latent_defaults(latent_size):
   `num_steps = clip(round(1.3e6 / D, -1), 200, 2000)` for `D` latent dimensions (1660 for
   MNIST's 784), `batch_size = 16`, `init = "map"` (`initialize_map`: L-BFGS MAP from `0`, 50
   iterations, rank-56 Laplace), `jit_compile = False`, `path_gradient = True`. On MNIST
-  inpainting (results/image_defaults.md) they take under 2 minutes on 2 cores and end above
-  3000 steps of 16 from the prior.
+  inpainting (results/image_defaults.md) they take under 2 minutes on 2 cores and end level
+  with 3000 steps of 16 from the prior on test image 0 (-0.6 +- 1.4 nats) and 8.3 nats above
+  them on image 1.
   """
   latent_size = checks.positive_integer(latent_size, "latent_size")
   steps = int(np.clip(round(_LARGE_SAMPLE_DIMS / latent_size, -1), _LARGE_MIN_STEPS,
