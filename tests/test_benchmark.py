@@ -40,7 +40,8 @@ def test_run_problem_reports_every_figure():
              "tfp_vi_graph_step_seconds", "posterior_samples_per_second",
              "prior_samples_per_second", "latent_samples_per_second", "fit_peak_rss_mb",
              "process_maxrss_mb", "ambient_vi_step_seconds", "fit_over_ambient_vi",
-             "fit_over_ambient_vi_cpu"]
+             "fit_over_ambient_vi_cpu", "raw_overlapped_step_seconds",
+             "fit_over_raw_overlapped"]
   _check_positive_finite(figures, ratios + seconds)
   # The ambient flow is the baseline's default RealNVP on x-space: parameters of its own.
   assert figures["ambient_vi_parameters"] > figures["posterior_parameters"] > 0

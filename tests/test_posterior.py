@@ -335,6 +335,44 @@ def test_path_gradient_vanishes_at_the_exact_posterior(linear_gaussian):
   assert norms[True] < 1e-3 * norms[False], norms
 
 
+def test_path_gradient_is_the_gradient_without_the_score_term(linear_gaussian):
+  # The path gradient is the full reparameterization gradient minus the score term
+  # `sum_i m_i grad log q(z_i)` at fixed draws `z_i` and fixed masses `m_i` (mixture weight
+  # / n). `loss` gets it without differentiating `g^-1` in its parameters; here the
+  # reference differentiates it. An identity for each draw, so equal to float32 round-off,
+  # on a mixture base whose weights, locations and `g` are all moved off their start.
+  lg = linear_gaussian
+  likelihood = tfc.likelihoods.Gaussian(tfc.operators.Linear(lg.A.astype(np.float32)), 0.1)
+  posterior = tfc.ComposedPosterior(lg.prior, likelihood, lg.y.astype(np.float32),
+                                    num_components=3, base="mixture")
+  posterior.initialize(seed=0)  # Near the posterior, so that no term dwarfs the others.
+  rng = np.random.RandomState(0)
+  variables = posterior.trainable_variables
+  for v in variables:
+    spread = 0.5 if ("locs" in v.name or "logits" in v.name) else 0.01
+    v.assign_add(spread * rng.randn(*v.shape).astype(np.float32))
+  batch, seed = 48, [5, 6]
+  with tf.GradientTape() as tape:
+    path = posterior.loss(batch, seed=seed, path_gradient=True)
+  path_grads = tape.gradient(path, variables)
+  with tf.GradientTape(persistent=True) as tape:
+    full = posterior.loss(batch, seed=seed)
+    terms, z = posterior._terms_and_latents(posterior.samples_per_component(batch), seed)
+    mass = tf.exp(posterior.mixture_log_weights()) * tf.ones_like(terms) / terms.shape[0]
+    score = tf.reduce_sum(tf.stop_gradient(tf.reshape(mass, [-1]))
+                          * posterior.latent_posterior.log_prob(tf.stop_gradient(z)))
+  reference = [a - b for a, b in zip(tape.gradient(full, variables),
+                                     tape.gradient(score, variables))]
+  np.testing.assert_allclose(path.numpy(), full.numpy(), rtol=1e-6)
+  for v, a, r in zip(variables, path_grads, reference):  # Each to 1e-4 of its own scale.
+    scale = float(np.max(np.abs(r.numpy())))
+    np.testing.assert_allclose(a.numpy(), r.numpy(), rtol=0, atol=1e-4 * scale, err_msg=v.name)
+  # The weights' gradient keeps the masses' own part `grad m_i (log q - log p)(z_i)`, which
+  # is not zero in expectation (the score term's part, `grad m_i log q(z_i)`, is).
+  logits = [a for v, a in zip(variables, path_grads) if "mixture_logits" in v.name]
+  assert len(logits) == 1 and float(np.max(np.abs(logits[0].numpy()))) > 1e-2
+
+
 def test_path_gradient_must_be_a_bool(linear_gaussian):
   lg = linear_gaussian
   likelihood = tfc.likelihoods.Gaussian(tfc.operators.Linear(lg.A.astype(np.float32)), 0.1)
