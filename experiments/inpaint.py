@@ -37,7 +37,7 @@ _MASK = flags.DEFINE_enum("mask", "lower_half",
                            "random_90"], "Which pixels are missing.")
 _NOISE = flags.DEFINE_float("noise", 0.05, "Observation noise scale (images in [0, 1]).")
 _NUM_STEPS = flags.DEFINE_integer(
-    "num_steps", None, "Fit steps (default: fit()'s, 1660 for MNIST's 784-dim latent).")
+    "num_steps", None, "Fit steps (default: fit()'s, 1800 for MNIST's 784-dim latent).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
                                    "Samples per fit step (default: fit()'s, 16 for images).")
 _INIT = flags.DEFINE_enum("init", "auto", ["auto", "map", "laplace", "none"],

@@ -108,9 +108,9 @@ def test_map_start_raises_the_latent_target_over_the_prior_start(digits_problem)
 
 def test_large_latent_defaults_are_the_documented_ones():
   assert posterior_lib.large_latent_defaults(784) == {
-      "num_steps": 1660, "batch_size": 16, "init": "map", "jit_compile": False,
+      "num_steps": 1800, "batch_size": 16, "init": "map", "jit_compile": False,
       "path_gradient": True}
-  assert posterior_lib.large_latent_defaults(3072)["num_steps"] == 420
+  assert posterior_lib.large_latent_defaults(3072)["num_steps"] == 460
   assert posterior_lib.large_latent_defaults(300)["num_steps"] == 2000
   assert posterior_lib.large_latent_defaults(10**6)["num_steps"] == 200
   with pytest.raises(ValueError, match="-3"):

@@ -92,7 +92,7 @@ _MODE_AXES_MAX_DIM = 64
 # slower and ran each step 1.4x slower there: it stays off.
 LARGE_LATENT_SIZE = 256
 _LARGE_BATCH_SIZE = 16
-_LARGE_SAMPLE_DIMS = 1.3e6  # steps * latent size: the cost of a step grows with the latent.
+_LARGE_SAMPLE_DIMS = 1.41e6  # steps * latent size: the cost of a step grows with the latent.
 _LARGE_MIN_STEPS, _LARGE_MAX_STEPS = 200, 2000
 _LARGE_MAP_STARTS = 1
 _LARGE_MAP_ITERATIONS = 50
@@ -102,11 +102,11 @@ _LARGE_LAPLACE_RANK = 56
 def large_latent_defaults(latent_size):
   """`fit`'s defaults above `LARGE_LATENT_SIZE` latent dimensions, as a dict.
 
-  `num_steps = clip(round(1.3e6 / D, -1), 200, 2000)` for `D` latent dimensions (1660 for
+  `num_steps = clip(round(1.41e6 / D, -1), 200, 2000)` for `D` latent dimensions (1800 for
   MNIST's 784), `batch_size = 16`, `init = "map"` (`initialize_map`: L-BFGS MAP from `0`, 50
   iterations, rank-56 Laplace), `jit_compile = False`, `path_gradient = True`. On MNIST
-  inpainting (results/image_defaults.md) they take under 2 minutes on 2 cores and end level
-  with 3000 steps of 16 from the prior on test image 0 (-0.6 +- 1.4 nats) and 8.3 nats above
+  inpainting (results/image_defaults.md, note [9]) they take 98-99 s on 2 cores and end
+  1.6 +- 1.2 nats above 3000 steps of 16 from the prior on test image 0 and 9.3 +- 1.2 above
   them on image 1.
   """
   latent_size = checks.positive_integer(latent_size, "latent_size")
@@ -843,7 +843,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
     the refinement (SIR or NeuTra HMC in `tfc.baselines`).
 
     Above `LARGE_LATENT_SIZE` (256) latent dimensions the defaults are
-    `large_latent_defaults(latent_size)`: `num_steps = clip(round(1.3e6 / D, -1), 200, 2000)`,
+    `large_latent_defaults(latent_size)`: `num_steps = clip(round(1.41e6 / D, -1), 200, 2000)`,
     `batch_size = 16`, `init = "auto"` meaning `initialize_map`, no XLA, the path gradient.
 
     Args:
