@@ -165,7 +165,27 @@ def test_summary_compares_on_common_images_and_names_what_fails():
   lines = compare.summary_table(records, ["inpaint_lower_half"], ["composed", "mala", "map"],
                                 [5.0])
   assert lines[2] == ("| `inpaint_lower_half` | 5 | 1 | composed 20.00 | mala 19.50 | "
-                      "20.00 / 19.00 / 0.920 | no: best of 16 below mala, below mala |")
+                      "20.00 / 19.00 / 0.920 | no: best of 16 below mala, below mala | – |")
   good = [dict(r, psnr_best_of_16=25.) if r["method"] == "composed" else r for r in records]
   assert compare.summary_table(good, ["inpaint_lower_half"], ["composed", "mala", "map"],
-                               [5.0])[2].endswith("| yes |")
+                               [5.0])[2].endswith("| yes | – |")
+
+
+def test_summary_checks_the_recommended_refinements_on_their_own_images():
+  # NeuTra HMC ran on image 0 only: the other columns still use images 0 and 1 of the core
+  # methods; its goal is checked on image 0 against them, and a composed method does not
+  # count against the composed posterior's own goal.
+  records = [
+      _record(0, "composed", 20., psnr_best_of_16=19., coverage_90=0.92),
+      _record(1, "composed", 22., psnr_best_of_16=21., coverage_90=0.88),
+      _record(0, "mala", 18., psnr_best_of_16=19.5, coverage_90=0.9),
+      _record(1, "mala", 18., psnr_best_of_16=18., coverage_90=0.9),
+      _record(0, "neutra_hmc", 21., psnr_best_of_16=20., coverage_90=0.91),
+      _record(0, "composed_sir", 19., psnr_best_of_16=19.2, coverage_90=0.7),
+      _record(1, "composed_sir", 19., psnr_best_of_16=10., coverage_90=0.7),
+  ]
+  methods = ["composed", "composed_sir", "mala", "neutra_hmc"]
+  line = compare.summary_table(records, ["inpaint_lower_half"], methods, [5.0])[2]
+  assert line == ("| `inpaint_lower_half` | 5 | 2 | composed 21.00 | composed 20.00 | "
+                  "21.00 / 20.00 / 0.900 | yes | composed_sir no: best of 16 below mala, "
+                  "coverage, below mala; neutra_hmc yes (1 image) |")
