@@ -279,13 +279,6 @@ def fit_batch(posterior, batch_size):
   return -(-batch_size // k) * k
 
 
-def fit_path_gradient(posterior):
-  """Whether `posterior.fit` uses the path gradient by default (large latents)."""
-  size = posterior.latent_event_shape.num_elements()
-  return (size > tfc_posterior.LARGE_LATENT_SIZE
-          and tfc_posterior.large_latent_defaults(size)["path_gradient"])
-
-
 def step_part_bodies(posterior, batch_size):
   """Pieces of the fit step, each a `body(seed) -> scalar` for `compiled_loop`; the loss is
   fit's default (with the path gradient where fit uses it)."""
@@ -318,7 +311,8 @@ def step_part_bodies(posterior, batch_size):
                - tf.reduce_sum(g.forward_log_det_jacobian(eps, event_ndims=rank)))
     return tf.linalg.global_norm(tape.gradient(value, g_vars))
 
-  path_gradient = fit_path_gradient(posterior)
+  path_gradient = tfc_posterior.fit_defaults(
+      posterior.latent_event_shape.num_elements())["path_gradient"]
 
   def loss_and_gradients(seed):  # (loss, [(gradient, variable)]) of the variables that get one.
     with tf.GradientTape() as tape:
@@ -331,6 +325,11 @@ def step_part_bodies(posterior, batch_size):
 
   def loss_gradient(seed):  # fit's loss and gradient, without the optimizer.
     return tf.linalg.global_norm([g for g, _ in loss_and_gradients(seed)[1]])
+
+  def loss_gradient_plain(seed):  # The same without the path gradient.
+    with tf.GradientTape() as tape:
+      loss = posterior.loss(batch_size, seed)
+    return tf.linalg.global_norm([g for g in tape.gradient(loss, all_vars) if g is not None])
 
   optimizers = {"adam": tf_keras.optimizers.Adam(1e-5), "fused": training.FusedAdam(1e-5)}
   for optimizer in optimizers.values():
@@ -351,6 +350,7 @@ def step_part_bodies(posterior, batch_size):
       "raw_plus_g_log_det": raw_with_log_det,
       "loss_forward": loss_forward,
       "loss_gradient": loss_gradient,
+      **({"loss_gradient_plain": loss_gradient_plain} if path_gradient else {}),
       "loss_gradient_adam": with_optimizer("adam"),
       "loss_gradient_fused_adam": with_optimizer("fused"),
   }
@@ -739,6 +739,7 @@ PART_ROWS = [
     ("raw + g log-det: grad", "raw_plus_g_log_det"),
     ("posterior.loss, forward only", "loss_forward"),
     ("posterior.loss + gradient", "loss_gradient"),
+    ("  same, without the path gradient (where fit uses it)", "loss_gradient_plain"),
     ("posterior.loss + gradient + tf_keras Adam", "loss_gradient_adam"),
     ("posterior.loss + gradient + fit's Adam (`training.FusedAdam`)",
      "loss_gradient_fused_adam"),

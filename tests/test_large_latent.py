@@ -113,6 +113,10 @@ def test_large_latent_defaults_are_the_documented_ones():
   assert posterior_lib.large_latent_defaults(3072)["num_steps"] == 460
   assert posterior_lib.large_latent_defaults(300)["num_steps"] == 2000
   assert posterior_lib.large_latent_defaults(10**6)["num_steps"] == 200
+  assert posterior_lib.fit_defaults(784) == posterior_lib.large_latent_defaults(784)
+  assert posterior_lib.fit_defaults(256) == {
+      "num_steps": 2000, "batch_size": 64, "init": "laplace", "jit_compile": None,
+      "path_gradient": False}
   with pytest.raises(ValueError, match="-3"):
     posterior_lib.large_latent_defaults(-3)
 

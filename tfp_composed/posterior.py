@@ -78,11 +78,10 @@ _MODE_AXES_MAX_DIM = 64
 # ---- Large latents (images): defaults of `fit` above this many latent dimensions. ----------
 # Measured on the shipped MNIST Glow prior (784 dimensions; `experiments/image_defaults.py`,
 # results/image_defaults.md): a MAP + low-rank Laplace start, batches of 16, the path gradient and
-# `_LARGE_SAMPLE_DIMS / latent_size` steps take under 2 minutes on 2 cores and end level with 3000
-# steps from the prior (which take 3.5 minutes) on test image 0 (-0.6 +- 1.4 nats) and 8.3 nats
-# above them on image 1. The path gradient ("sticking the landing") added 3.5 and 7.8 nats at 1280
-# steps on images 0 and 1 (5.0 at 1800 steps), for 9-22 % more time per step; 1800 steps instead
-# of 1280 added 9 nats. (On the ground-truth problems, 16-64 dimensions, it gained nothing under
+# `_LARGE_SAMPLE_DIMS / latent_size` steps (1800) take 98-99 s on 2 cores and end 1.6 +- 1.2 nats
+# above 3000 steps from the prior (which take 3.5 minutes) on test image 0 and 9.3 +- 1.2 above
+# them on image 1 (note [9]). The path gradient ("sticking the landing") added 3.5 and 7.8 nats at
+# 1280 steps on images 0 and 1 (5.0 at 1800 steps); 1800 steps instead of 1280 added 9 nats. (On the ground-truth problems, 16-64 dimensions, it gained nothing under
 # fit's 60 s budget, nonlinear_blocks KL 0.194 +- 0.015 against 0.184 +- 0.013: off below this
 # size.)
 # Earlier (1280 steps, no path gradient): learning rates 5e-4 and 1e-3 ended within a nat of each
@@ -114,6 +113,17 @@ def large_latent_defaults(latent_size):
                       _LARGE_MAX_STEPS))
   return {"num_steps": steps, "batch_size": _LARGE_BATCH_SIZE, "init": "map",
           "jit_compile": False, "path_gradient": True}
+
+
+def fit_defaults(latent_size):
+  """`fit`'s defaults for a latent of `latent_size` dimensions, as a dict: those of
+  `large_latent_defaults` above `LARGE_LATENT_SIZE`, else 2000 steps of 64, the multi-start
+  Laplace start, no XLA and no path gradient."""
+  latent_size = checks.positive_integer(latent_size, "latent_size")
+  if latent_size > LARGE_LATENT_SIZE:
+    return large_latent_defaults(latent_size)
+  return {"num_steps": 2000, "batch_size": 64, "init": "laplace", "jit_compile": None,
+          "path_gradient": False}
 # ---- end of the large-latent defaults. ------------------------------------------------------
 
 
@@ -547,8 +557,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
     posterior. What is left reaches the parameters through the draws only,
     `sum_i m_i (grad_z log q(z_i) - grad_z log p(z_i, y)) dz_i`, with `grad_z log q` taken at
     fixed parameters: one inversion of `g` on the draws and its gradient with respect to its
-    input, not to `g`'s parameters (2.5 times cheaper on the MNIST prior's default `g`). The
-    draws' masses `m_i` (mixture weights / n) keep their own gradient.
+    input, not to `g`'s parameters (results/benchmark.md, last section). The draws' masses `m_i` (mixture weights / n) keep their own gradient.
 
     This is the one definition of the objective: `fit` minimizes it.
 
@@ -906,9 +915,7 @@ class ComposedPosterior(tfd.TransformedDistribution):
     # ---- Large-latent defaults (see `large_latent_defaults`).
     large = self._latent_size > LARGE_LATENT_SIZE
     steps_given = num_steps is not None
-    defaults = large_latent_defaults(self._latent_size) if large else {
-        "num_steps": 2000, "batch_size": 64, "init": "laplace", "jit_compile": None,
-        "path_gradient": False}
+    defaults = fit_defaults(self._latent_size)
     if num_steps is None:  # A time limit is used: up to `_TIME_LIMIT_STEPS` x the default.
       num_steps = defaults["num_steps"] * (1 if time_limit is None else _TIME_LIMIT_STEPS)
     batch_size = defaults["batch_size"] if batch_size is None else batch_size
